@@ -1,0 +1,119 @@
+"""Flower ClientApp: fine-tune only the shared trainable state on this node's GLUE shard.
+
+The frozen pre-trained model is loaded once per process and cached; each message carries only
+the packed trainable state and a small config (round, lr, local steps, batch size, mask
+fingerprint). A client whose own mask has another fingerprint refuses to train.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from fedsparse.config import from_run_config
+from fedsparse.data import TASKS, load_glue, partition
+from fedsparse.methods import Method, build_method
+from fedsparse.model import load_model, load_tokenizer
+from fedsparse.strategy import INFO_KEY, METRICS_KEY
+from fedsparse.train import evaluate, make_loader, train
+
+
+@functools.lru_cache(maxsize=1)
+def _method(model_name: str, task: str, seed: int, method_yaml: str) -> Method:
+    """One model per process, whatever the number of clients this process serves."""
+    model = load_model(model_name, TASKS[task].num_labels, seed)
+    return build_method(model, OmegaConf.create(method_yaml))
+
+
+def client_method(cfg: DictConfig) -> Method:
+    return _method(cfg.model.name, cfg.task.name, int(cfg.seed), OmegaConf.to_yaml(cfg.method))
+
+
+@functools.lru_cache(maxsize=16)
+def _shard(model_name: str, task: str, source: str, glue_dir: str | None, partitioner: str,
+           alpha: float, seed: int, min_size: int, num_partitions: int, partition_id: int,
+           max_length: int, batch_size: int) -> DataLoader:
+    dataset = load_glue(task, "train", source, glue_dir)
+    shard = partition(dataset, num_partitions, partition_id, partitioner, alpha, seed, min_size)
+    return make_loader(shard, load_tokenizer(model_name), max_length, batch_size, shuffle=True,
+                       seed=seed + partition_id)
+
+
+def client_shard(cfg: DictConfig, node_config: dict, batch_size: int) -> DataLoader:
+    """This node's partition: `partition-id`/`num-partitions` (and `data-dir`) from its node config."""
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise ValueError("The SuperNode needs --node-config 'partition-id=<i> num-partitions=<n>'.")
+    glue_dir = node_config.get("data-dir", cfg.data.glue_dir)
+    source = "dir" if "data-dir" in node_config else cfg.data.source
+    fed = cfg.federation
+    return _shard(cfg.model.name, cfg.task.name, source, glue_dir, fed.partitioner, float(fed.alpha),
+                  int(cfg.seed), int(fed.min_partition_size), int(node_config["num-partitions"]),
+                  int(node_config["partition-id"]), int(cfg.data.max_length), int(batch_size))
+
+
+def _receive(method: Method, msg: Message) -> tuple[np.ndarray, ConfigRecord]:
+    """Check the fingerprint, then load the received global state into the model."""
+    config = msg.content["config"]
+    if config["fingerprint"] != method.fingerprint():
+        raise RuntimeError("Refusing to train: this client's mask fingerprint "
+                           f"{method.fingerprint()[:12]} differs from the server's "
+                           f"{str(config['fingerprint'])[:12]}. Both must load the same checkpoint "
+                           "with the same method settings.")
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    received = method.decode(arrays)
+    method.unpack(received)
+    return received, config
+
+
+def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
+    method = client_method(cfg)
+    received, config = _receive(method, msg)
+    loader = client_shard(cfg, context.node_config, int(config["batch-size"]))
+    start = time.time()
+    loss = train(method, loader, float(config["lr"]), steps=int(config["local-steps"]) or None,
+                 epochs=float(config["local-epochs"]) or None,
+                 weight_decay=float(cfg.train.weight_decay))
+    wire = method.encode(method.pack(), reference=received)
+    metrics = {"num-examples": len(loader.dataset), "train-loss": loss,
+               "train-seconds": time.time() - start}
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
+                          METRICS_KEY: MetricRecord(metrics),
+                          INFO_KEY: ConfigRecord({"fingerprint": method.fingerprint()})})
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: DictConfig) -> Message:
+    """Optional client-side evaluation of the global state on this node's own shard."""
+    method = client_method(cfg)
+    _receive(method, msg)
+    loader = client_shard(cfg, context.node_config, int(cfg.train.eval_batch_size))
+    metrics = evaluate(method.model, loader, cfg.task.name)
+    record = {f"local-{k}": v for k, v in metrics.items()}
+    record["num-examples"] = len(loader.dataset)
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord(record)}), reply_to=msg)
+
+
+def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
+    """A ClientApp bound to `cfg` (simulation), or reading the run config (deployment)."""
+    app = ClientApp()
+
+    def resolve(context: Context) -> DictConfig:
+        return cfg if cfg is not None else from_run_config(context.run_config)
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, resolve(context))
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, resolve(context))
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,87 @@
+"""One configuration, two front doors.
+
+`python -m fedsparse key=value ...` composes `conf/` with Hydra; `flwr run .` hands the apps a
+flat run config from `[tool.flwr.app.config]`. The bridge keeps a single source of truth: the
+Flower run config holds only `overrides`, the same Hydra override strings, and both doors
+compose the same `conf/` tree from them.
+"""
+from __future__ import annotations
+
+import functools
+import secrets
+import shlex
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from fedsparse.data import TASKS
+from fedsparse.methods import METHODS
+from fedsparse.strategy import STRATEGIES
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+RUN_CONFIG_KEY = "overrides"
+MODES = ("federated", "central")
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The resolved config for these Hydra overrides (works inside and outside `@hydra.main`)."""
+    return finalize(_compose(tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=8)
+def _compose(overrides: tuple[str, ...]) -> DictConfig:
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose(config_name="config", overrides=list(overrides))
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    return cfg
+
+
+def to_run_config(overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Hydra overrides -> Flower run config (`flwr run --run-config`, `[tool.flwr.app.config]`)."""
+    return {RUN_CONFIG_KEY: " ".join(shlex.quote(o) for o in overrides)}
+
+
+def from_run_config(run_config: dict) -> DictConfig:
+    """Flower run config -> the resolved config."""
+    extra = sorted(set(run_config) - {RUN_CONFIG_KEY})
+    if extra:
+        raise ValueError(f"Unknown run-config keys {extra}: pass settings as Hydra overrides, e.g. "
+                         "--run-config 'overrides=\"method=hiwi federation.rounds=3\"'.")
+    return compose_config(shlex.split(str(run_config.get(RUN_CONFIG_KEY, ""))))
+
+
+def finalize(cfg: DictConfig) -> DictConfig:
+    """Validate, resolve interpolations and name the run; raises with the fix on bad values."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    OmegaConf.resolve(cfg)
+    checks = [
+        (cfg.mode in MODES, f"mode={cfg.mode}: use one of {MODES}"),
+        (cfg.method.name in METHODS, f"method={cfg.method.name}: use one of {tuple(METHODS)}"),
+        (cfg.task.name in TASKS, f"task={cfg.task.name}: use one of {tuple(TASKS)}"),
+        (cfg.federation.strategy in STRATEGIES,
+         f"federation.strategy={cfg.federation.strategy}: use one of {tuple(STRATEGIES)}"),
+        (cfg.federation.partitioner in ("dirichlet", "iid"),
+         f"federation.partitioner={cfg.federation.partitioner}: use dirichlet or iid"),
+        (0 < cfg.federation.clients_per_round <= cfg.federation.num_clients,
+         "federation.clients_per_round must be between 1 and federation.num_clients"),
+        (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),
+        (cfg.federation.alpha > 0, "federation.alpha must be > 0"),
+        (cfg.train.lr > 0 and cfg.train.batch_size >= 1, "train.lr must be > 0, train.batch_size >= 1"),
+    ]
+    errors = [message for ok, message in checks if not ok]
+    if errors:
+        raise ValueError("Invalid configuration: " + "; ".join(errors) + ".")
+    if cfg.run_name is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg.run_name = f"{cfg.method.name}-{cfg.task.name}-{stamp}-{secrets.token_hex(2)}"
+    return cfg
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.run_name

@@ -1,0 +1,91 @@
+"""The interface every fine-tuning method implements.
+
+A method owns a model and exposes its trainable state as one flat float32 vector whose last
+`head_size` entries are the task head. Clients and server exchange that vector (encoded by
+`encode`/`decode`, identity except for top-k); nothing else of the model ever crosses the wire.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from transformers import PreTrainedModel
+
+from fedsparse.model import head_parameter_names
+
+
+class Method:
+    name: ClassVar[str]
+    wire_keys: ClassVar[tuple[str, ...]] = ("values",)  # arrays in every message
+
+    def __init__(self, model: PreTrainedModel, cfg: DictConfig):
+        self.model = model
+        self.cfg = cfg
+        model.requires_grad_(False)
+        named = dict(model.named_parameters())
+        self.head = [named[n] for n in head_parameter_names(model)]
+        for p in self.head:
+            p.requires_grad_(True)
+
+    # --- what subclasses define -------------------------------------------------------
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Tensors that make up the packed vector, in order; the head comes last."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the local optimizer updates (by default: the packed tensors themselves)."""
+        return self.state_tensors()
+
+    def merge(self) -> PreTrainedModel:
+        """Return a stock Hugging Face model with the trained state folded in."""
+        return self.model
+
+    def fingerprint(self) -> str:
+        """Digest of whatever both sides must share besides the vector (the PaFi mask)."""
+        return ""
+
+    # --- the packed vector ------------------------------------------------------------
+    @property
+    def head_size(self) -> int:
+        return sum(p.numel() for p in self.head)
+
+    def num_values(self) -> int:
+        """Values exchanged per direction (the vector's length; top-k sends fewer)."""
+        return sum(t.numel() for t in self.state_tensors())
+
+    def num_trainable(self) -> int:
+        """Values the local optimizer updates."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def pack(self) -> np.ndarray:
+        return torch.cat([t.detach().reshape(-1).float() for t in self.state_tensors()]).numpy()
+
+    @torch.no_grad()
+    def unpack(self, vector: np.ndarray) -> None:
+        tensors = self.state_tensors()
+        expected = sum(t.numel() for t in tensors)
+        if vector.ndim != 1 or vector.size != expected:
+            raise ValueError(f"{self.name}: packed vector has shape {vector.shape}, expected "
+                             f"({expected},). Client and server must use the same model and method config.")
+        offset = 0
+        flat = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    # --- wire encoding (identity: the vector is the message) ---------------------------
+    def encode(self, vector: np.ndarray, reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return {"values": vector.astype(np.float32, copy=False)}
+
+    def decode(self, arrays: dict[str, np.ndarray], reference: np.ndarray | None = None) -> np.ndarray:
+        return arrays["values"]
+
+    def initial_state(self) -> np.ndarray:
+        """The vector before any training (what the server starts from)."""
+        if not hasattr(self, "_initial"):
+            self._initial = self.pack()
+        return self._initial

@@ -1,0 +1,170 @@
+"""PaFi (Liao et al. 2023): train only the smallest-magnitude pre-trained weights.
+
+The mask is a pure function of the checkpoint, so every task and every client derives the same
+one and only the values at masked entries travel. Training scatters a small trainable value
+vector into the frozen weights (a parametrization), so the optimizer holds state only for the
+masked entries and every other weight stays bitwise equal to the checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import PreTrainedModel
+
+from fedsparse.methods.base import Method
+
+GROUPS = ("attention", "ffn", "embeddings", "layernorm", "bias", "pooler")
+SCOPES = ("global", "per_tensor")
+SELECTS = ("smallest", "largest", "random")
+
+
+def parse_groups(groups: str) -> list[str]:
+    names = [g.strip() for g in str(groups).split(",") if g.strip()]
+    unknown = sorted(set(names) - set(GROUPS))
+    if unknown or not names:
+        raise ValueError(f"Unknown or empty mask groups {unknown or names}: choose a comma-separated "
+                         f"subset of {', '.join(GROUPS)} (default attention,ffn).")
+    return names
+
+
+def _group_of(module_name: str, module: nn.Module, param_name: str) -> str | None:
+    if isinstance(module, nn.Embedding):
+        return "embeddings"
+    if "LayerNorm" in type(module).__name__:
+        return "layernorm"
+    if isinstance(module, nn.Linear):
+        if param_name == "bias":
+            return "bias"
+        if ".pooler" in module_name:
+            return "pooler"
+        if ".layer." in module_name:
+            return "attention" if ".attention." in module_name else "ffn"
+    return None
+
+
+def candidate_parameters(model: PreTrainedModel, groups: str) -> list[tuple[str, nn.Parameter]]:
+    """Backbone parameters eligible for the mask, in the model's own (deterministic) order."""
+    wanted = set(parse_groups(groups))
+    prefix = model.base_model_prefix + "."
+    found = []
+    for module_name, module in model.named_modules():
+        if not module_name.startswith(prefix):
+            continue  # the task head is trained densely, never masked
+        for param_name, param in module.named_parameters(recurse=False):
+            if _group_of(module_name, module, param_name) in wanted:
+                found.append((f"{module_name}.{param_name}", param))
+    if not found:
+        raise ValueError(f"No parameters of {type(model).__name__} fall in groups '{groups}'.")
+    return found
+
+
+def _k_extreme(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k smallest scores; ties broken by position (tensor order, flat index)."""
+    threshold = torch.kthvalue(scores, k).values
+    below = torch.nonzero(scores < threshold).flatten()
+    ties = torch.nonzero(scores == threshold).flatten()[: k - below.numel()]
+    return torch.sort(torch.cat([below, ties])).values
+
+
+def select_entries(tensors: list[torch.Tensor], density: float, select: str, seed: int) -> torch.Tensor:
+    """Flat indices (into the concatenation of `tensors`) of the trainable entries."""
+    total = sum(t.numel() for t in tensors)
+    k = round(density * total)
+    if not 0 < k <= total:
+        raise ValueError(f"density={density} selects {k} of {total} entries: use 0 < density <= 1.")
+    if select == "random":
+        perm = np.random.default_rng(seed).permutation(total)[:k]
+        return torch.from_numpy(np.sort(perm))
+    scores = torch.cat([t.detach().reshape(-1).abs() for t in tensors])  # exact in the stored dtype
+    return _k_extreme(scores if select == "smallest" else -scores, k)
+
+
+@dataclass
+class Mask:
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    indices: list[torch.Tensor]  # flat int64 indices per tensor, sorted
+    fingerprint: str
+
+    @property
+    def size(self) -> int:
+        return sum(i.numel() for i in self.indices)
+
+
+def compute_mask(model: PreTrainedModel, density: float = 0.005, scope: str = "global",
+                 select: str = "smallest", groups: str = "attention,ffn", seed: int = 0) -> Mask:
+    """The data-free PaFi mask. Identical on every machine that holds the same checkpoint."""
+    if scope not in SCOPES or select not in SELECTS:
+        raise ValueError(f"pafi.scope must be one of {SCOPES} and pafi.select one of {SELECTS}; "
+                         f"got scope={scope}, select={select}.")
+    named = candidate_parameters(model, groups)
+    tensors = [p for _, p in named]
+    if scope == "global":
+        flat = select_entries(tensors, density, select, seed)
+        bounds = np.cumsum([0] + [t.numel() for t in tensors])
+        cuts = np.searchsorted(flat.numpy(), bounds)
+        indices = [flat[a:b] - int(lo) for a, b, lo in zip(cuts[:-1], cuts[1:], bounds[:-1])]
+    else:
+        indices = [select_entries([t], density, select, seed + i) for i, t in enumerate(tensors)]
+    names = [n for n, _ in named]
+    shapes = [tuple(t.shape) for t in tensors]
+    digest = hashlib.sha256(json.dumps(
+        {"names": names, "shapes": shapes, "density": density, "scope": scope, "select": select,
+         "seed": seed if select == "random" else None}).encode())
+    for idx, t in zip(indices, tensors):
+        digest.update(idx.numpy().astype("<i8").tobytes())
+        # the frozen weights themselves: a client on another checkpoint must refuse to train
+        digest.update(t.detach().contiguous().numpy().tobytes())
+    return Mask(names, shapes, [i.long() for i in indices], digest.hexdigest())
+
+
+class SparseValues(nn.Module):
+    """Parametrization: weight with the masked entries replaced by a trainable vector."""
+
+    def __init__(self, weight: torch.Tensor, index: torch.Tensor):
+        super().__init__()
+        self.register_buffer("index", index, persistent=False)
+        self.values = nn.Parameter(weight.detach().reshape(-1)[index].clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(-1).index_put((self.index,), self.values).view_as(weight)
+
+
+class PaFi(Method):
+    name = "pafi"
+
+    def __init__(self, model: PreTrainedModel, cfg: DictConfig):
+        super().__init__(model, cfg)
+        self.mask = compute_mask(model, cfg.density, cfg.scope, cfg.select, cfg.groups, cfg.seed)
+        modules = dict(model.named_modules())
+        self.values: list[nn.Parameter] = []
+        self.sites: list[tuple[nn.Module, str]] = []  # (module, attribute) carrying a parametrization
+        for name, index in zip(self.mask.names, self.mask.indices):
+            if index.numel() == 0:
+                continue  # a global ranking may leave a tensor untouched
+            module_name, attr = name.rsplit(".", 1)
+            module = modules[module_name]
+            sparse = SparseValues(getattr(module, attr), index)
+            parametrize.register_parametrization(module, attr, sparse)
+            self.values.append(sparse.values)
+            self.sites.append((module, attr))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return self.values + self.head
+
+    def fingerprint(self) -> str:
+        return self.mask.fingerprint
+
+    def merge(self) -> PreTrainedModel:
+        """Fold the values into plain weights; the model is a stock HF model afterwards."""
+        for module, attr in self.sites:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        self.model.requires_grad_(True)
+        return self.model

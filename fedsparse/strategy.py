@@ -1,0 +1,180 @@
+"""Server strategy on packed vectors: validation, wire encoding and byte accounting.
+
+`PackedState` wraps any Message-API FedAvg-family strategy. The global state is one dense
+float32 vector ("values"); FedAvg, FedAvgM and FedAdam average it unchanged because every
+client's update has the same support. Only `topk` changes the wire format (values + int32
+indices); its replies are decoded onto the global vector before the base strategy sees them.
+Bytes are measured on the messages themselves with Flower's protobuf serializer.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+
+from fedsparse.methods import Method
+
+log = logging.getLogger("fedsparse")
+INFO_KEY = "info"        # ConfigRecord in each reply: the client's mask fingerprint
+METRICS_KEY = "metrics"
+
+
+def wire_bytes(message: Message) -> int:
+    """Size of the message as Flower serializes it (what a deployment would transmit)."""
+    return message_to_proto(message).ByteSize()
+
+
+class CommLedger:
+    """Per-round, per-client, per-direction byte counts and payload breakdown."""
+
+    def __init__(self, head_size: int):
+        self.head_size = head_size
+        self.rounds: dict[int, list[dict]] = {}
+
+    def add(self, server_round: int, kind: str, direction: str, message: Message,
+            arrays: ArrayRecord | None, node_id: int) -> dict:
+        total = wire_bytes(message)
+        values = indices = 0
+        if arrays is not None:
+            if "values" in arrays:
+                values = arrays["values"].numpy().nbytes
+            if "indices" in arrays:
+                indices = arrays["indices"].numpy().nbytes
+        head = min(values, 4 * self.head_size)
+        entry = {"kind": kind, "direction": direction, "node": int(node_id), "bytes": total,
+                 "values": values - head, "head": head, "indices": indices,
+                 "overhead": total - values - indices}
+        self.rounds.setdefault(server_round, []).append(entry)
+        return entry
+
+    def summary(self, server_round: int) -> dict:
+        """Totals for one round, keyed by direction, plus per-client means."""
+        entries = self.rounds.get(server_round, [])
+        out = {}
+        for direction in ("down", "up"):
+            mine = [e for e in entries if e["direction"] == direction]
+            total = sum(e["bytes"] for e in mine)
+            out[direction] = {
+                "messages": len(mine), "bytes": total,
+                "per_client": total / len(mine) if mine else 0.0,
+                **{k: sum(e[k] for e in mine) for k in ("values", "head", "indices", "overhead")},
+            }
+        out["clients"] = sorted({e["node"] for e in entries if e["kind"] == "train"})
+        return out
+
+
+class PackedState:
+    """Mixin for a Message-API strategy: encode downlinks, validate and decode uplinks, count bytes."""
+
+    def __init__(self, *args, method: Method, ledger: CommLedger, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.ledger = ledger
+        self.fingerprint = method.fingerprint()
+        self.global_values: np.ndarray | None = None
+        self.rejected: dict[int, list[str]] = {}
+        self.train_metrics: dict[int, MetricRecord] = {}
+
+    def _send(self, server_round: int, kind: str, messages: Iterable[Message],
+              arrays: ArrayRecord) -> list[Message]:
+        messages = list(messages)
+        self.global_values = arrays["values"].numpy()
+        wire = ArrayRecord({k: Array(v) for k, v in self.method.encode(self.global_values).items()})
+        for message in messages:
+            message.content[self.arrayrecord_key] = wire
+            self.ledger.add(server_round, kind, "down", message, wire, message.metadata.dst_node_id)
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        config["fingerprint"] = self.fingerprint
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._send(server_round, "train", messages, arrays)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> list[Message]:
+        config["fingerprint"] = self.fingerprint
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._send(server_round, "evaluate", messages, arrays)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = []
+        for reply in replies:
+            if reply.has_error():
+                self._reject(server_round, reply, f"client error: {reply.error.reason}")
+                continue
+            arrays = reply.content.array_records.get(self.arrayrecord_key)
+            self.ledger.add(server_round, "train", "up", reply, arrays, reply.metadata.src_node_id)
+            problem = self.check_reply(reply)
+            if problem:
+                self._reject(server_round, reply, problem)
+                continue
+            dense = self.method.decode({k: v.numpy() for k, v in arrays.items()}, self.global_values)
+            reply.content[self.arrayrecord_key] = ArrayRecord({"values": Array(dense)})
+            accepted.append(reply)
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if metrics is not None:
+            self.train_metrics[server_round] = metrics
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for reply in replies:
+            if not reply.has_error():
+                self.ledger.add(server_round, "evaluate", "up", reply, None, reply.metadata.src_node_id)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def check_reply(self, reply: Message) -> str | None:
+        """Why this reply must not be aggregated, or None. The global state never absorbs it."""
+        content = reply.content
+        arrays = content.array_records.get(self.arrayrecord_key)
+        metrics = content.metric_records.get(METRICS_KEY)
+        info = content.config_records.get(INFO_KEY)
+        if arrays is None or metrics is None or info is None:
+            return f"reply lacks '{self.arrayrecord_key}', '{METRICS_KEY}' or '{INFO_KEY}' records"
+        if info.get("fingerprint") != self.fingerprint:
+            return "mask fingerprint differs from the server's (another checkpoint or mask config)"
+        expected = set(self.method.wire_keys)
+        if set(arrays) != expected:
+            return f"array names {sorted(arrays)} != {sorted(expected)}"
+        values = arrays["values"].numpy()
+        if values.dtype != np.float32 or values.ndim != 1:
+            return f"values have dtype {values.dtype} and {values.ndim} dims, expected 1-D float32"
+        if "indices" in arrays:
+            index = arrays["indices"].numpy()
+            if index.dtype != np.int32 or values.size != index.size + self.method.head_size:
+                return "indices must be int32 and match the number of values"
+        elif values.size != self.global_values.size:
+            return f"values have {values.size} entries, expected {self.global_values.size}"
+        if not np.isfinite(values).all():
+            return "values contain NaN or Inf"
+        weight = metrics.get(self.weighted_by_key)
+        if not isinstance(weight, (int, float)) or weight <= 0:
+            return f"'{self.weighted_by_key}' must be a positive number"
+        return None
+
+    def _reject(self, server_round: int, reply: Message, reason: str) -> None:
+        node = reply.metadata.src_node_id
+        log.warning("round %d: dropped reply from node %d: %s", server_round, node, reason)
+        self.rejected.setdefault(server_round, []).append(f"node {node}: {reason}")
+
+
+class PackedFedAvg(PackedState, FedAvg):
+    """Weighted FedAvg of the packed vectors."""
+
+
+class PackedFedAvgM(PackedState, FedAvgM):
+    """FedAvg with server momentum (Hsu et al. 2019) on the packed vectors."""
+
+
+class PackedFedAdam(PackedState, FedAdam):
+    """FedAdam (Reddi et al. 2021) on the packed vectors."""
+
+
+STRATEGIES = {"fedavg": PackedFedAvg, "fedavgm": PackedFedAvgM, "fedadam": PackedFedAdam}

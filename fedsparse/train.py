@@ -1,0 +1,91 @@
+"""Tokenisation, local training and evaluation shared by central and federated runs."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedsparse.methods import Method
+from fedsparse.metrics import compute_metrics
+
+
+def make_loader(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Tokenise once, pad per batch (dynamic padding keeps short SST-2 batches cheap)."""
+    texts = [list(dataset["sentence1"])]
+    if "sentence2" in dataset.column_names:
+        texts.append(list(dataset["sentence2"]))
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+    labels = np.asarray(dataset["label"])
+    rows = [({k: v[i] for k, v in encoded.items()}, labels[i]) for i in range(len(labels))]
+
+    def collate(batch):
+        features = tokenizer.pad([f for f, _ in batch], return_tensors="pt")
+        target = torch.as_tensor(np.array([y for _, y in batch]))
+        features["labels"] = target.float() if target.is_floating_point() else target.long()
+        return features
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                      generator=generator)
+
+
+def _batches(loader: DataLoader, steps: int) -> Iterator[dict]:
+    """Cycle through the loader for exactly `steps` batches (small shards wrap around)."""
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def train(method: Method, loader: DataLoader, lr: float, steps: int | None = None,
+          epochs: float | None = None, weight_decay: float = 0.0, progress: bool = False,
+          description: str = "train") -> float:
+    """Run local optimisation on the method's trainable tensors only; returns the mean loss.
+
+    The optimizer sees `method.parameters()`, so Adam state exists only for what is trained
+    (the PaFi value vector, adapter factors, ...), never for whole frozen tensors.
+    """
+    if steps is None:
+        steps = max(1, math.ceil((epochs or 1) * len(loader)))
+    model = method.model
+    optimizer = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    total = 0.0
+    bar = tqdm(_batches(loader, steps), total=steps, desc=description, disable=not progress,
+               leave=False)
+    for step, batch in enumerate(bar, 1):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.item()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{total / step:.4f}")
+    model.eval()
+    return total / steps
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, loader: DataLoader, task: str) -> dict[str, float]:
+    """GLUE metrics of `model` on `loader` plus the mean loss."""
+    model.eval()
+    predictions, labels, losses = [], [], []
+    for batch in loader:
+        out = model(**batch)
+        losses.append(out.loss.item() * len(batch["labels"]))
+        logits = out.logits
+        predictions.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
+        labels.append(batch["labels"])
+    y_pred = torch.cat(predictions).numpy()
+    y_true = torch.cat(labels).numpy()
+    return {**compute_metrics(task, y_pred, y_true), "loss": float(sum(losses) / len(y_true))}

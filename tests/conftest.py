@@ -1,0 +1,37 @@
+"""Shared fixtures: offline environment, tiny models, method configs from the real YAML."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
+             "FLWR_DISABLE_UPDATE_CHECK"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from fedsparse.model import TINY_BERT, load_model  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "fedsparse" / "conf"
+SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
+
+
+def method_cfg(name: str, **overrides) -> DictConfig:
+    """The shipped `method/<name>.yaml` with overrides (what `method.x=...` does on the CLI)."""
+    cfg = OmegaConf.load(CONF / "method" / f"{name}.yaml")
+    return OmegaConf.merge(cfg, overrides)
+
+
+def tiny_model(num_labels: int = 2, seed: int = 0):
+    return load_model(TINY_BERT, num_labels, seed=seed)
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 2000, (4, 12), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.tensor([0, 1, 1, 0])}

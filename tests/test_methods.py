@@ -1,0 +1,227 @@
+"""Methods on a tiny random BERT: masks, training invariants, packing, merging."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import method_cfg, tiny_model
+from transformers import AutoModelForSequenceClassification
+
+from fedsparse.methods import METHODS, build_method
+from fedsparse.methods.pafi import candidate_parameters, compute_mask
+
+
+def _train_steps(method, batch, steps=3, lr=1e-2):
+    opt = torch.optim.AdamW(method.parameters(), lr=lr)
+    for _ in range(steps):
+        method.model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def _brute_force(model, density, select="smallest"):
+    """Sort every candidate entry by (|w|, tensor order, flat index) in plain Python."""
+    entries = []
+    for t_idx, (_, p) in enumerate(candidate_parameters(model, "attention,ffn")):
+        for i, w in enumerate(p.detach().reshape(-1).tolist()):
+            key = abs(w) if select == "smallest" else -abs(w)
+            entries.append((key, t_idx, i))
+    entries.sort()
+    k = round(density * len(entries))
+    return sorted((t, i) for _, t, i in entries[:k])
+
+
+@pytest.mark.parametrize("select", ["smallest", "largest"])
+def test_pafi_mask_equals_brute_force(select):
+    model = tiny_model()
+    # integer-valued weights create many exact ties: the tie-break must be (tensor, index)
+    with torch.no_grad():
+        for _, p in candidate_parameters(model, "attention,ffn"):
+            p.copy_(torch.round(p * 20))
+    mask = compute_mask(model, density=0.05, select=select)
+    got = sorted((t, int(i)) for t, idx in enumerate(mask.indices) for i in idx)
+    assert got == _brute_force(model, 0.05, select)
+    assert mask.size == round(0.05 * sum(p.numel() for _, p in candidate_parameters(model, "attention,ffn")))
+
+
+def test_pafi_per_tensor_scope_takes_the_same_fraction_of_each_tensor():
+    model = tiny_model()
+    mask = compute_mask(model, density=0.1, scope="per_tensor")
+    for (name, p), idx in zip(candidate_parameters(model, "attention,ffn"), mask.indices):
+        assert idx.numel() == round(0.1 * p.numel()), name
+        smallest = torch.sort(p.detach().reshape(-1).abs()).values[: idx.numel()]
+        assert torch.equal(torch.sort(p.detach().reshape(-1)[idx].abs()).values, smallest)
+
+
+def test_pafi_random_select_is_seeded():
+    model = tiny_model()
+    a = compute_mask(model, density=0.05, select="random", seed=1)
+    b = compute_mask(model, density=0.05, select="random", seed=1)
+    c = compute_mask(model, density=0.05, select="random", seed=2)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+FINGERPRINT_SCRIPT = """
+import sys; sys.path.insert(0, {tests!r})
+from conftest import tiny_model
+from fedsparse.methods.pafi import compute_mask
+print(compute_mask(tiny_model(), density=0.05).fingerprint)
+"""
+
+
+def test_fingerprint_is_identical_across_processes_and_changes_with_a_weight():
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    prints = [subprocess.run([sys.executable, "-c", FINGERPRINT_SCRIPT.format(tests=tests)],
+                             capture_output=True, text=True, check=True).stdout.strip()
+              for _ in range(2)]
+    assert len(prints[0]) == 64 and prints[0] == prints[1]
+    model = tiny_model()
+    assert compute_mask(model, density=0.05).fingerprint == prints[0]
+    name, weight = candidate_parameters(model, "attention,ffn")[0]
+    with torch.no_grad():
+        weight.view(-1)[weight.detach().abs().argmax()] = 0.0  # the largest entry becomes the smallest
+    changed = compute_mask(model, density=0.05)
+    assert changed.fingerprint != prints[0]
+    with torch.no_grad():
+        weight.view(-1)[0] += 1e-3  # a change that need not move the mask still changes the digest
+    assert compute_mask(model, density=0.05).fingerprint != changed.fingerprint
+
+
+def test_pafi_training_changes_only_masked_entries_and_keeps_small_optimizer_state(batch):
+    pretrained = {n: p.detach().clone() for n, p in tiny_model().named_parameters()}
+    method = build_method(tiny_model(), method_cfg("pafi", density=0.05))
+    opt = _train_steps(method, batch)
+    # Adam state exists only for the value vectors and the head
+    state_numel = sum(s["exp_avg"].numel() for s in opt.state.values())
+    assert state_numel == method.mask.size + method.head_size
+    merged = dict(method.merge().named_parameters())
+    assert set(merged) == set(pretrained)
+    masked = {n: idx for n, idx in zip(method.mask.names, method.mask.indices)}
+    changed_entries = 0
+    for name, before in pretrained.items():
+        after = merged[name].detach()
+        if name.startswith("classifier"):
+            continue
+        keep = torch.ones(before.numel(), dtype=torch.bool)
+        if name in masked:
+            keep[masked[name]] = False
+            changed_entries += int((after.reshape(-1)[~keep] != before.reshape(-1)[~keep]).sum())
+        # bitwise: compare the raw bytes of the non-masked entries
+        assert torch.equal(after.reshape(-1)[keep].view(torch.int32), before.reshape(-1)[keep].view(torch.int32)), name
+    assert changed_entries > 0.9 * method.mask.size
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_pack_unpack_round_trips_exactly(name, batch):
+    kwargs = {"density": 0.05} if name in ("pafi", "topk") else {}
+    method = build_method(tiny_model(), method_cfg(name, **kwargs))
+    _train_steps(method, batch, steps=1)
+    trained = method.pack()
+    assert trained.dtype == np.float32 and trained.ndim == 1
+    other = build_method(tiny_model(), method_cfg(name, **kwargs))
+    other.unpack(trained)
+    assert np.array_equal(other.pack(), trained)
+    with torch.no_grad():
+        assert torch.equal(other.model(**batch).logits, method.model(**batch).logits)
+    with pytest.raises(ValueError, match="expected"):
+        other.unpack(trained[:-1])
+
+
+def _assert_merges_to_stock_model(method, batch, tmp_path):
+    reference_names = {n: tuple(p.shape) for n, p in tiny_model().named_parameters()}
+    with torch.no_grad():
+        before = method.model(**batch).logits
+    merged = method.merge()
+    with torch.no_grad():
+        after = merged(**batch).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert {n: tuple(p.shape) for n, p in merged.named_parameters()} == reference_names
+    assert type(merged).__name__ == "BertForSequenceClassification"
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["ffn_bias1", "ffn_biases", "ffn_weights"])
+def test_hiwi_merges_to_a_stock_model(target, batch, tmp_path):
+    method = build_method(tiny_model(), method_cfg("hiwi", target=target))
+    with torch.no_grad():
+        start = method.model(**batch).logits
+        torch.testing.assert_close(start, tiny_model()(**batch).logits)  # W_up = 0: starts at the checkpoint
+    _train_steps(method, batch)
+    with torch.no_grad():
+        assert not torch.allclose(method.model(**batch).logits, start)
+    _assert_merges_to_stock_model(method, batch, tmp_path)
+
+
+def test_hiwi_merged_exchange_sends_only_the_parameter_delta(batch):
+    method = build_method(tiny_model(), method_cfg("hiwi", exchange="merged"))
+    n_bias = sum(m.intermediate.dense.bias.numel() for m in method.model.bert.encoder.layer)
+    assert method.num_values() == n_bias + method.head_size
+    assert not method.pack()[:n_bias].any()  # nothing trained yet: zero delta
+    _train_steps(method, batch)
+    trained = method.pack()
+    with torch.no_grad():
+        logits = method.model(**batch).logits
+    receiver = build_method(tiny_model(), method_cfg("hiwi", exchange="merged"))
+    receiver.unpack(trained)  # rebuilds p' = p + delta under a fresh adapter
+    with torch.no_grad():
+        torch.testing.assert_close(receiver.model(**batch).logits, logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(receiver.pack(), trained, atol=1e-6)
+
+
+def test_lora_merges_to_a_stock_model(batch, tmp_path):
+    method = build_method(tiny_model(), method_cfg("lora"))
+    _train_steps(method, batch)
+    _assert_merges_to_stock_model(method, batch, tmp_path)
+
+
+def test_trainable_counts_follow_the_definitions():
+    model = tiny_model()
+    n_total = sum(p.numel() for p in model.parameters())
+    head = 32 * 2 + 2
+    counts = {name: build_method(tiny_model(), method_cfg(name)).num_values() for name in METHODS}
+    assert counts["full"] == n_total
+    assert counts["bitfit"] == sum(p.numel() for n, p in model.named_parameters()
+                                      if n.startswith("bert.") and n.endswith(".bias")) + head
+    assert counts["lora"] == 2 * 2 * (32 * 8 + 8 * 32) + head      # 2 layers x {query, value}
+    assert counts["hiwi"] == 2 * (2 * 64 * 8) + head                # factors of the 64-wide FFN bias
+    candidates = sum(p.numel() for _, p in candidate_parameters(model, "attention,ffn"))
+    assert counts["pafi"] == counts["topk"] == round(0.005 * candidates) + head
+
+
+def test_topk_wire_carries_k_values_with_int32_indices(batch):
+    method = build_method(tiny_model(), method_cfg("topk", density=0.05))
+    received = method.initial_state().copy()
+    _train_steps(method, batch)
+    local = method.pack()
+    wire = method.encode(local, reference=received)
+    assert wire["indices"].dtype == np.int32 and wire["indices"].size == method.k
+    change = np.abs(local - received)[: method.body_size]
+    assert change[wire["indices"]].min() >= np.sort(change)[-method.k]
+    decoded = method.decode(wire, received)
+    assert np.array_equal(decoded[wire["indices"]], local[wire["indices"]])
+    assert np.array_equal(decoded[method.body_size:], local[method.body_size:])
+    untouched = np.setdiff1d(np.arange(method.body_size), wire["indices"])
+    assert np.array_equal(decoded[untouched], received[untouched])
+    # downlink: only entries that differ from the checkpoint travel
+    down = method.encode(decoded)
+    assert np.array_equal(np.sort(down["indices"]), np.sort(wire["indices"][change[wire["indices"]] > 0]))
+    with pytest.raises(ValueError, match="out of range"):
+        method.decode({"values": wire["values"], "indices": wire["indices"] + method.body_size}, received)
+
+
+def test_bad_method_settings_name_the_fix():
+    with pytest.raises(ValueError, match="0 < density"):
+        build_method(tiny_model(), method_cfg("pafi", density=0.0))
+    with pytest.raises(ValueError, match="groups"):
+        build_method(tiny_model(), method_cfg("pafi", groups="attention,mlp"))
+    with pytest.raises(ValueError, match="hiwi.target"):
+        build_method(tiny_model(), method_cfg("hiwi", target="ffn_bias3"))
+    with pytest.raises(ValueError, match="Unknown method"):
+        build_method(tiny_model(), method_cfg("full", name="diffpruning"))
