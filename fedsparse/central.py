@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from datasets import Dataset
 from omegaconf import DictConfig
 
 from fedsparse.data import TASKS, load_glue
@@ -12,7 +13,17 @@ from fedsparse.results import RunWriter
 from fedsparse.train import evaluate, make_loader, train
 
 
-def dev_split(cfg: DictConfig):
+def train_split(cfg: DictConfig, source: str | None = None, glue_dir: str | None = None) -> Dataset:
+    """The training split, subsampled (seeded) when `data.max_train_examples` is set."""
+    data = load_glue(cfg.task.name, "train", source or cfg.data.source, glue_dir or cfg.data.glue_dir)
+    limit = cfg.data.max_train_examples
+    if limit and limit < len(data):
+        data = data.shuffle(seed=int(cfg.seed)).select(range(int(limit)))
+    return data
+
+
+def dev_split(cfg: DictConfig) -> Dataset:
+    """GLUE dev (our test set), optionally its first `data.max_eval_examples` rows."""
     dev = load_glue(cfg.task.name, "validation", cfg.data.source, cfg.data.glue_dir)
     if cfg.data.max_eval_examples:
         dev = dev.select(range(min(len(dev), int(cfg.data.max_eval_examples))))
@@ -23,7 +34,7 @@ def run_central(cfg: DictConfig) -> dict:
     spec = TASKS[cfg.task.name]
     tokenizer = load_tokenizer(cfg.model.name)
     method = build_method(load_model(cfg.model.name, spec.num_labels, cfg.seed), cfg.method)
-    train_set = load_glue(cfg.task.name, "train", cfg.data.source, cfg.data.glue_dir)
+    train_set = train_split(cfg)
     train_loader = make_loader(train_set, tokenizer, cfg.data.max_length, cfg.train.batch_size,
                                shuffle=True, seed=cfg.seed)
     dev_loader = make_loader(dev_split(cfg), tokenizer, cfg.data.max_length,

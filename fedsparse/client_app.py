@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from fedsparse.config import from_run_config
-from fedsparse.data import TASKS, load_glue, partition
+from fedsparse.central import train_split
+from fedsparse.data import TASKS, partition
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
 from fedsparse.strategy import INFO_KEY, METRICS_KEY
@@ -35,25 +36,26 @@ def client_method(cfg: DictConfig) -> Method:
 
 
 @functools.lru_cache(maxsize=16)
-def _shard(model_name: str, task: str, source: str, glue_dir: str | None, partitioner: str,
-           alpha: float, seed: int, min_size: int, num_partitions: int, partition_id: int,
-           max_length: int, batch_size: int) -> DataLoader:
-    dataset = load_glue(task, "train", source, glue_dir)
-    shard = partition(dataset, num_partitions, partition_id, partitioner, alpha, seed, min_size)
-    return make_loader(shard, load_tokenizer(model_name), max_length, batch_size, shuffle=True,
-                       seed=seed + partition_id)
+def _shard(data_yaml: str, source: str, glue_dir: str | None, num_partitions: int,
+           partition_id: int, batch_size: int) -> DataLoader:
+    cfg = OmegaConf.create(data_yaml)
+    fed = cfg.federation
+    shard = partition(train_split(cfg, source, glue_dir), num_partitions, partition_id,
+                      fed.partitioner, float(fed.alpha), int(cfg.seed), int(fed.min_partition_size))
+    return make_loader(shard, load_tokenizer(cfg.model.name), int(cfg.data.max_length), batch_size,
+                       shuffle=True, seed=int(cfg.seed) + partition_id)
 
 
 def client_shard(cfg: DictConfig, node_config: dict, batch_size: int) -> DataLoader:
     """This node's partition: `partition-id`/`num-partitions` (and `data-dir`) from its node config."""
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ValueError("The SuperNode needs --node-config 'partition-id=<i> num-partitions=<n>'.")
-    glue_dir = node_config.get("data-dir", cfg.data.glue_dir)
-    source = "dir" if "data-dir" in node_config else cfg.data.source
-    fed = cfg.federation
-    return _shard(cfg.model.name, cfg.task.name, source, glue_dir, fed.partitioner, float(fed.alpha),
-                  int(cfg.seed), int(fed.min_partition_size), int(node_config["num-partitions"]),
-                  int(node_config["partition-id"]), int(cfg.data.max_length), int(batch_size))
+    source, glue_dir = cfg.data.source, cfg.data.glue_dir
+    if "data-dir" in node_config:  # this data owner's own GLUE directory
+        source, glue_dir = "dir", str(node_config["data-dir"])
+    relevant = OmegaConf.to_yaml({k: cfg[k] for k in ("data", "federation", "model", "task", "seed")})
+    return _shard(relevant, source, glue_dir, int(node_config["num-partitions"]),
+                  int(node_config["partition-id"]), int(batch_size))
 
 
 def _receive(method: Method, msg: Message) -> tuple[np.ndarray, ConfigRecord]:

@@ -24,6 +24,7 @@ def backend_config(cfg: DictConfig) -> dict:
 def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     """Simulate `federation.num_clients` nodes; returns the run directory."""
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only: keep Ray quiet
     flwr_run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
                         num_supernodes=cfg.federation.num_clients, backend_config=backend_config(cfg),
                         verbose_logging=verbose)

@@ -1,0 +1,31 @@
+"""GLUE's official metrics, computed with scikit-learn and SciPy (no hub downloads)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+MAIN_METRIC = {"sst2": "accuracy", "rte": "accuracy", "qnli": "accuracy", "mnli": "accuracy",
+               "mrpc": "f1", "qqp": "f1", "cola": "matthews_correlation", "stsb": "pearson"}
+
+
+def main_metric(task: str) -> str:
+    """The metric a task is ranked by on the GLUE leaderboard."""
+    if task not in MAIN_METRIC:
+        raise ValueError(f"Unknown task '{task}': choose one of {', '.join(MAIN_METRIC)}.")
+    return MAIN_METRIC[task]
+
+
+def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Class ids (or scores for STS-B) against gold labels -> the task's GLUE metrics."""
+    main = main_metric(task)
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if main == "pearson":
+        return {"pearson": float(pearsonr(predictions, labels)[0]),
+                "spearmanr": float(spearmanr(predictions, labels)[0])}
+    if main == "matthews_correlation":
+        return {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
+    result = {"accuracy": float(accuracy_score(labels, predictions))}
+    if main == "f1":
+        result["f1"] = float(f1_score(labels, predictions))
+    return result
