@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +40,9 @@ def write_connection(flwr_home: Path, name: str, port: int, root_certificates: P
 
 
 @contextmanager
-def processes(log_dir: Path) -> Iterator:
-    """Yields `start(name, argv, env)`; every process (and its children) is killed on exit."""
+def processes(log_dir: Path, flwr_home: Path) -> Iterator:
+    """Yields `start(name, argv, env)`. On exit every process started, its descendants and
+    anything else launched with this FLWR_HOME (Flower detaches some children) is killed."""
     started: list[subprocess.Popen] = []
 
     def start(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -52,22 +55,43 @@ def processes(log_dir: Path) -> Iterator:
     try:
         yield start
     finally:
-        for proc in started:
-            _kill_group(proc, signal.SIGTERM)
+        victims = {p.pid for p in started} | _descendants(started) | _with_home(flwr_home)
+        for pid in victims:
+            _signal(pid, signal.SIGTERM)
         deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(pid) for pid in victims):
+            time.sleep(0.2)
+        for pid in victims | _with_home(flwr_home):
+            _signal(pid, signal.SIGKILL)
         for proc in started:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-            _kill_group(proc, signal.SIGKILL)
             proc.wait()
 
 
-def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+def _descendants(started: list[subprocess.Popen]) -> set[int]:
+    pids = set()
+    for proc in started:
+        try:
+            pids |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _with_home(flwr_home: Path) -> set[int]:
+    return {int(entry.split()[0]) for entry in leftovers(flwr_home)}
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
@@ -94,12 +118,10 @@ def flwr_run(connection: str, overrides: str, env: dict[str, str], federation_co
 
 def leftovers(flwr_home: Path) -> list[str]:
     """Processes still alive that were started with this FLWR_HOME (there must be none)."""
-    import psutil
-
     found = []
     for proc in psutil.process_iter(["pid", "name"]):
         try:
-            if proc.environ().get("FLWR_HOME") == str(flwr_home):
+            if proc.pid != os.getpid() and proc.environ().get("FLWR_HOME") == str(flwr_home):
                 found.append(f"{proc.info['pid']} {proc.info['name']}")
         except (psutil.Error, OSError):
             continue

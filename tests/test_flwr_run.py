@@ -16,7 +16,7 @@ def test_flwr_run_on_a_local_simulation_federation(tmp_path):
     write_connection(home, "local-sim", port)
     env = flower_env(home)
     out = tmp_path / "results"
-    with processes(tmp_path) as start:
+    with processes(tmp_path, home) as start:
         link = start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--simulation",
                                    "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
                                    "--disable-runtime-dependency-installation"], env)
