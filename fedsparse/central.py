@@ -45,7 +45,7 @@ def run_central(cfg: DictConfig) -> dict:
     start = time.time()
     loss = train(method, train_loader, cfg.train.lr, steps=cfg.train.central_steps,
                  epochs=cfg.train.central_epochs, weight_decay=cfg.train.weight_decay,
-                 progress=True, description=f"{cfg.method.name}/{cfg.task.name}")
+                 seed=int(cfg.seed), progress=True, description=f"{cfg.method.name}/{cfg.task.name}")
     train_seconds = time.time() - start
     metrics = evaluate(method.model, dev_loader, cfg.task.name)
     summary = {"mode": "central", "method": cfg.method.name, "task": cfg.task.name,

@@ -77,9 +77,10 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
     received, config = _receive(method, msg)
     loader = client_shard(cfg, context.node_config, int(config["batch-size"]))
     start = time.time()
+    seed = int(cfg.seed) * 1_000_003 + int(config["server-round"]) * 1_009 + int(context.node_config["partition-id"])
     loss = train(method, loader, float(config["lr"]), steps=int(config["local-steps"]) or None,
                  epochs=float(config["local-epochs"]) or None,
-                 weight_decay=float(cfg.train.weight_decay))
+                 weight_decay=float(cfg.train.weight_decay), seed=seed)
     wire = method.encode(method.pack(), reference=received)
     metrics = {"num-examples": len(loader.dataset), "train-loss": loss,
                "train-seconds": time.time() - start}

@@ -48,15 +48,25 @@ def _batches(loader: DataLoader, steps: int) -> Iterator[dict]:
 
 
 def train(method: Method, loader: DataLoader, lr: float, steps: int | None = None,
-          epochs: float | None = None, weight_decay: float = 0.0, progress: bool = False,
-          description: str = "train") -> float:
+          epochs: float | None = None, weight_decay: float = 0.0, seed: int = 0,
+          progress: bool = False, description: str = "train") -> float:
     """Run local optimisation on the method's trainable tensors only; returns the mean loss.
 
     The optimizer sees `method.parameters()`, so Adam state exists only for what is trained
-    (the PaFi value vector, adapter factors, ...), never for whole frozen tensors.
+    (the PaFi value vector, adapter factors, ...), never for whole frozen tensors. Batch order
+    and dropout depend only on `seed`, so a client computes the same update whether it runs in
+    a long-lived simulation actor or a fresh deployment process.
     """
     if steps is None:
         steps = max(1, math.ceil((epochs or 1) * len(loader)))
+    loader.generator.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _optimise(method, loader, lr, steps, weight_decay, progress, description)
+
+
+def _optimise(method: Method, loader: DataLoader, lr: float, steps: int, weight_decay: float,
+              progress: bool, description: str) -> float:
     model = method.model
     optimizer = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
