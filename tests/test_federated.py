@@ -137,3 +137,15 @@ def test_summary_and_rounds_are_plain_json(runs):
         assert summary["bytes_up"] > 0 and summary["final"]["accuracy"] >= 0
         for line in (path / "rounds.jsonl").read_text().splitlines():
             json.loads(line)
+
+
+def test_report_compares_runs_and_writes_plots(runs, tmp_path, capsys):
+    from fedsparse.report import main as report_main
+
+    report_main([str(path) for _, path in runs.values()] + ["--out", str(tmp_path)])
+    table = capsys.readouterr().out
+    for name in runs:
+        assert f"\n{name}" in table or table.startswith(name) or f" {name}" in table
+    for png in ("bytes_per_round.png", "metric_vs_bytes.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
