@@ -44,6 +44,11 @@ def deploy(tmp_path: Path, tls: Path | None = None) -> Path:
         run = flwr_run("loopback", " ".join(OVERRIDES + [f"output_dir={out}", "run_name=deployed"]), env)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "[round 2/2]" in run.stdout
+        if tls:  # the same SuperLink refuses a client that does not speak TLS
+            write_connection(home, "plaintext", port)
+            plain = subprocess.run([str(BIN / "flwr"), "ls", "plaintext"], env=env, cwd=ROOT,
+                                   capture_output=True, text=True, timeout=120)
+            assert plain.returncode != 0
     assert leftovers(home) == []  # every process it started is gone
     return out / "deployed"
 
@@ -82,5 +87,3 @@ def test_loopback_deployment_with_tls(tmp_path, simulated):
     subprocess.run(["bash", str(ROOT / "scripts" / "generate-certs.sh"), str(certs)], check=True,
                    capture_output=True)
     _assert_matches_simulation(deploy(tmp_path, tls=certs), simulated)
-    log = (tmp_path / "superlink.log").read_text()
-    assert "insecure" not in log.lower() or "without https" not in log.lower()
