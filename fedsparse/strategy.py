@@ -79,6 +79,7 @@ class PackedState:
         self.global_values: np.ndarray | None = None
         self.rejected: dict[int, list[str]] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
+        self.untouched: np.ndarray | None = None
 
     def _send(self, server_round: int, kind: str, messages: Iterable[Message],
               arrays: ArrayRecord) -> list[Message]:
@@ -105,6 +106,7 @@ class PackedState:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = []
+        self.untouched = None  # entries every accepted reply left exactly at the global value
         for reply in replies:
             if reply.has_error():
                 self._reject(server_round, reply, f"client error: {reply.error.reason}")
@@ -116,6 +118,9 @@ class PackedState:
                 self._reject(server_round, reply, problem)
                 continue
             dense = self.method.decode({k: v.numpy() for k, v in arrays.items()}, self.global_values)
+            if "indices" in arrays:
+                same = dense == self.global_values
+                self.untouched = same if self.untouched is None else self.untouched & same
             reply.content[self.arrayrecord_key] = ArrayRecord({"values": Array(dense)})
             accepted.append(reply)
         arrays, metrics = super().aggregate_train(server_round, accepted)
@@ -167,6 +172,17 @@ class PackedState:
 
 class PackedFedAvg(PackedState, FedAvg):
     """Weighted FedAvg of the packed vectors."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and self.untouched is not None:
+            # The mean of identical values is that value; float32 summation can move it by an
+            # ulp, which would make every entry look "changed" and densify top-k's downlink.
+            values = arrays["values"].numpy().copy()
+            values[self.untouched] = self.global_values[self.untouched]
+            arrays = ArrayRecord({"values": Array(values)})
+        return arrays, metrics
 
 
 class PackedFedAvgM(PackedState, FedAvgM):

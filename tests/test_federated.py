@@ -123,6 +123,9 @@ def test_uplink_bytes_match_the_payload(runs):
     assert topk["values_per_message"] == pafi["values_per_message"]  # same budget
     assert topk["mean_up_per_client"] >= 1.9 * pafi["mean_up_per_client"]
     assert all(r["comm"]["up"]["indices"] > 0 for r in topk_rounds[1:])
+    # the downlink carries at most the union of last round's supports, not rounding noise
+    k = topk_rounds[1]["comm"]["up"]["indices"] // (4 * 3)
+    assert topk_rounds[2]["comm"]["down"]["indices"] // 3 <= 4 * 3 * k
     _, _, full_rounds, full = _load(runs["full"])
     params = 4 * full["model_parameters"]
     for r in full_rounds[1:]:
