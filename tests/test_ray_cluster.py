@@ -2,8 +2,10 @@
 (`ray start --head` here on 127.0.0.1; other machines would join with `ray start --address`)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -35,7 +37,8 @@ def _stop_cluster(temp_dir: Path) -> None:
 
 
 def test_simulation_attaches_to_a_running_ray_head(tmp_path):
-    port, temp_dir = free_port(), tmp_path / "ray"
+    # Ray's unix sockets live under --temp-dir, whose path must stay short (AF_UNIX: 107 bytes)
+    port, temp_dir = free_port(), Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                             "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(temp_dir),
                             "--disable-usage-stats"], capture_output=True, text=True, timeout=120)
@@ -45,7 +48,11 @@ def test_simulation_attaches_to_a_running_ray_head(tmp_path):
                               f"output_dir={tmp_path}", "run_name=on-cluster"])
         _, rounds, summary = read_run(run_simulation(cfg))
         assert len(rounds) == 3 and summary["rounds"] == 2
+        # the clients ran as workers of this cluster: its session logged our driver and actors
+        logs = list((temp_dir / "session_latest" / "logs").glob("*"))
+        assert any("driver" in p.name for p in logs) and any("worker" in p.name for p in logs)
     finally:
         _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if any(str(temp_dir) in part for part in (p.info["cmdline"] or []))]
