@@ -89,6 +89,7 @@ def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,7 @@ def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
                 marker="o", label=label)
     ax.set(yscale="log", xlabel="round", ylabel="uplink bytes per client",
            title="Measured uplink per client per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
     bytes_png = out_dir / "bytes_per_round.png"
