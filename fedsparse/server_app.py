@@ -9,7 +9,7 @@ import time
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedsparse.central import dev_split
 from fedsparse.config import from_run_config
@@ -17,7 +17,7 @@ from fedsparse.data import TASKS
 from fedsparse.methods import Method, build_method
 from fedsparse.metrics import main_metric
 from fedsparse.model import load_model, load_tokenizer
-from fedsparse.report import format_comm_table, format_round
+from fedsparse.report import format_comm_table, format_round, plot_runs
 from fedsparse.results import RunWriter
 from fedsparse.strategy import STRATEGIES, CommLedger, PackedState, wire_bytes
 from fedsparse.train import evaluate, make_loader
@@ -71,10 +71,11 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
         method.unpack(arrays["values"].numpy())
         metrics = evaluate(method.model, dev_loader, task)
         comm = ledger.summary(server_round)
-        cumulative += comm["down"]["bytes"] + comm["up"]["bytes"]
+        cumulative += comm["total_bytes"]
         record = {"round": server_round, "dev": metrics, "comm": comm, "cumulative_bytes": cumulative,
                   "ratio_to_full": comm["up"]["per_client"] / full_bytes,
                   "train": dict(strategy.train_metrics.get(server_round, {})),
+                  "client_eval": dict(strategy.client_eval.get(server_round, {})),
                   "rejected": strategy.rejected.get(server_round, []),
                   "wall_seconds": time.time() - start}
         writer.add_round(record)
@@ -95,8 +96,8 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
         "values_per_message": method.num_values(), "trainable_values": method.num_trainable(),
         "head_values": method.head_size, "model_parameters": num_parameters,
         "full_model_message_bytes": full_bytes, "fingerprint": method.fingerprint(),
-        "bytes_down": sum(h["comm"]["down"]["bytes"] for h in history),
-        "bytes_up": sum(h["comm"]["up"]["bytes"] for h in history),
+        "bytes_down": sum(h["comm"][d]["bytes"] for h in history for d in ("down", "eval_down")),
+        "bytes_up": sum(h["comm"][d]["bytes"] for h in history for d in ("up", "eval_up")),
         "mean_up_per_client": float(np.mean([h["comm"]["up"]["per_client"] for h in history[1:]])),
         "mean_down_per_client": float(np.mean([h["comm"]["down"]["per_client"] for h in history[1:]])),
         "rejected_replies": sum(len(h["rejected"]) for h in history),
@@ -104,7 +105,9 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
     }
     writer.write_summary(summary)
     print(format_comm_table(history), flush=True)
-    print(f"results: {writer.dir}", flush=True)
+    plots = plot_runs([{"summary": summary, "rounds": history, "config": OmegaConf.to_container(cfg)}],
+                      writer.dir)
+    print(f"results: {writer.dir} (plots: {', '.join(p.name for p in plots)})", flush=True)
     return summary
 
 

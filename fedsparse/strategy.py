@@ -53,18 +53,21 @@ class CommLedger:
         return entry
 
     def summary(self, server_round: int) -> dict:
-        """Totals for one round, keyed by direction, plus per-client means."""
+        """Totals for one round: `down`/`up` for training messages, `eval_down`/`eval_up` for
+        the optional client-side evaluation, with per-client means and the payload breakdown."""
         entries = self.rounds.get(server_round, [])
         out = {}
-        for direction in ("down", "up"):
-            mine = [e for e in entries if e["direction"] == direction]
-            total = sum(e["bytes"] for e in mine)
-            out[direction] = {
-                "messages": len(mine), "bytes": total,
-                "per_client": total / len(mine) if mine else 0.0,
-                **{k: sum(e[k] for e in mine) for k in ("values", "head", "indices", "overhead")},
-            }
+        for kind, prefix in (("train", ""), ("evaluate", "eval_")):
+            for direction in ("down", "up"):
+                mine = [e for e in entries if e["kind"] == kind and e["direction"] == direction]
+                total = sum(e["bytes"] for e in mine)
+                out[prefix + direction] = {
+                    "messages": len(mine), "bytes": total,
+                    "per_client": total / len(mine) if mine else 0.0,
+                    **{k: sum(e[k] for e in mine) for k in ("values", "head", "indices", "overhead")},
+                }
         out["clients"] = sorted({e["node"] for e in entries if e["kind"] == "train"})
+        out["total_bytes"] = sum(e["bytes"] for e in entries)
         return out
 
 
@@ -80,6 +83,7 @@ class PackedState:
         self.rejected: dict[int, list[str]] = {}
         self.train_metrics: dict[int, MetricRecord] = {}
         self.untouched: np.ndarray | None = None
+        self.client_eval: dict[int, MetricRecord] = {}
 
     def _send(self, server_round: int, kind: str, messages: Iterable[Message],
               arrays: ArrayRecord) -> list[Message]:
@@ -133,7 +137,10 @@ class PackedState:
         for reply in replies:
             if not reply.has_error():
                 self.ledger.add(server_round, "evaluate", "up", reply, None, reply.metadata.src_node_id)
-        return super().aggregate_evaluate(server_round, replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.client_eval[server_round] = metrics
+        return metrics
 
     def check_reply(self, reply: Message) -> str | None:
         """Why this reply must not be aggregated, or None. The global state never absorbs it."""

@@ -152,3 +152,15 @@ def test_report_compares_runs_and_writes_plots(runs, tmp_path, capsys):
     for png in ("bytes_per_round.png", "metric_vs_bytes.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_optional_client_side_evaluation_is_recorded(tmp_path):
+    cfg = compose_config(BASE + ["federation.evaluate_clients=true", f"output_dir={tmp_path}", "run_name=ce"])
+    _, rounds, _ = read_run(run_simulation(cfg))
+    for r in rounds[1:]:
+        assert 0.0 <= r["client_eval"]["local-accuracy"] <= 1.0
+        comm = r["comm"]
+        assert comm["down"]["messages"] == comm["eval_down"]["messages"] == comm["eval_up"]["messages"] == 3
+        assert comm["eval_down"]["values"] + comm["eval_down"]["head"] == comm["down"]["values"] + comm["down"]["head"]
+        assert comm["total_bytes"] == sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
+    assert (tmp_path / "ce" / "bytes_per_round.png").exists()
