@@ -3,31 +3,13 @@ from __future__ import annotations
 
 import time
 
-from datasets import Dataset
 from omegaconf import DictConfig
 
-from fedsparse.data import TASKS, load_glue
+from fedsparse.data import TASKS, dev_split, train_split
 from fedsparse.methods import build_method
 from fedsparse.model import load_model, load_tokenizer
 from fedsparse.results import RunWriter
 from fedsparse.train import evaluate, make_loader, train
-
-
-def train_split(cfg: DictConfig, source: str | None = None, glue_dir: str | None = None) -> Dataset:
-    """The training split, subsampled (seeded) when `data.max_train_examples` is set."""
-    data = load_glue(cfg.task.name, "train", source or cfg.data.source, glue_dir or cfg.data.glue_dir)
-    limit = cfg.data.max_train_examples
-    if limit and limit < len(data):
-        data = data.shuffle(seed=int(cfg.seed)).select(range(int(limit)))
-    return data
-
-
-def dev_split(cfg: DictConfig) -> Dataset:
-    """GLUE dev (our test set), optionally its first `data.max_eval_examples` rows."""
-    dev = load_glue(cfg.task.name, "validation", cfg.data.source, cfg.data.glue_dir)
-    if cfg.data.max_eval_examples:
-        dev = dev.select(range(min(len(dev), int(cfg.data.max_eval_examples))))
-    return dev
 
 
 def run_central(cfg: DictConfig) -> dict:

@@ -16,8 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from fedsparse.config import from_run_config
-from fedsparse.central import train_split
-from fedsparse.data import TASKS, partition
+from fedsparse.data import TASKS, partition, train_split
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
 from fedsparse.strategy import INFO_KEY, METRICS_KEY

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from omegaconf import DictConfig
 
 datasets.disable_progress_bars()  # per-client shards would flood the console
 SPLITS = ("train", "validation")
@@ -151,6 +152,23 @@ def bundled_asset(name: str) -> Path:
     raise FileNotFoundError(f"Bundled data file {name} not found (looked in: "
                             f"{', '.join(map(str, candidates))}). Reinstall fedsparse "
                             "(`pip install .`) or pass data.glue_dir=/path/to/glue.")
+
+
+def train_split(cfg: DictConfig, source: str | None = None, glue_dir: str | None = None) -> datasets.Dataset:
+    """The training split, subsampled (seeded) when `data.max_train_examples` is set."""
+    data = load_glue(cfg.task.name, "train", source or cfg.data.source, glue_dir or cfg.data.glue_dir)
+    limit = cfg.data.max_train_examples
+    if limit and limit < len(data):
+        data = data.shuffle(seed=int(cfg.seed)).select(range(int(limit)))
+    return data
+
+
+def dev_split(cfg: DictConfig) -> datasets.Dataset:
+    """GLUE dev (our test set), optionally its first `data.max_eval_examples` rows."""
+    dev = load_glue(cfg.task.name, "validation", cfg.data.source, cfg.data.glue_dir)
+    if cfg.data.max_eval_examples:
+        dev = dev.select(range(min(len(dev), int(cfg.data.max_eval_examples))))
+    return dev
 
 
 # --- partitioning -------------------------------------------------------------------------

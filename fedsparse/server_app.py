@@ -11,9 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedsparse.central import dev_split
 from fedsparse.config import from_run_config
-from fedsparse.data import TASKS
+from fedsparse.data import TASKS, dev_split
 from fedsparse.methods import Method, build_method
 from fedsparse.metrics import main_metric
 from fedsparse.model import load_model, load_tokenizer
