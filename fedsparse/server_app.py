@@ -2,7 +2,6 @@
 and writes the run directory (config, per-round JSON lines, summary)."""
 from __future__ import annotations
 
-import logging
 import random
 import time
 
@@ -21,7 +20,6 @@ from fedsparse.results import RunWriter
 from fedsparse.strategy import STRATEGIES, CommLedger, PackedState, wire_bytes
 from fedsparse.train import evaluate, make_loader
 
-log = logging.getLogger("fedsparse")
 
 
 def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> PackedState:

@@ -2,7 +2,6 @@
 run), driven by `flwr run`, compared with a simulation of the same seed."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
