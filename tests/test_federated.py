@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED_GLUE
+
 from fedsparse.config import compose_config
 from fedsparse.methods import build_method
 from fedsparse.model import load_model
@@ -164,3 +166,16 @@ def test_optional_client_side_evaluation_is_recorded(tmp_path):
         assert comm["eval_down"]["values"] + comm["eval_down"]["head"] == comm["down"]["values"] + comm["down"]["head"]
         assert comm["total_bytes"] == sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
     assert (tmp_path / "ce" / "bytes_per_round.png").exists()
+
+
+@pytest.mark.skipif(not SHARED_GLUE.exists(), reason="needs the GLUE TSVs beside the repo")
+def test_a_nodes_data_dir_replaces_the_configured_data_source():
+    from fedsparse.client_app import client_shard
+
+    cfg = compose_config(["model=tiny", "task=rte", "federation.num_clients=2", "federation.clients_per_round=2",
+                          "data.max_length=32"])
+    shards = [client_shard(cfg, {"partition-id": i, "num-partitions": 2, "data-dir": str(SHARED_GLUE)}, 8)
+              for i in range(2)]
+    assert sum(len(s.dataset) for s in shards) == 2_490  # RTE train, split over the two nodes
+    with pytest.raises(ValueError, match="partition-id"):
+        client_shard(cfg, {"data-dir": str(SHARED_GLUE)}, 8)
