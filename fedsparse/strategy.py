@@ -121,7 +121,11 @@ class PackedState:
             if problem:
                 self._reject(server_round, reply, problem)
                 continue
-            dense = self.method.decode({k: v.numpy() for k, v in arrays.items()}, self.global_values)
+            try:
+                dense = self.method.decode({k: v.numpy() for k, v in arrays.items()}, self.global_values)
+            except ValueError as err:  # e.g. top-k indices out of range
+                self._reject(server_round, reply, str(err))
+                continue
             if "indices" in arrays:
                 same = dense == self.global_values
                 self.untouched = same if self.untouched is None else self.untouched & same
