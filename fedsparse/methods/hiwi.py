@@ -76,9 +76,10 @@ class HiWi(Method):
         self.adapters: list[WeightAdapter] = []
         # the pre-trained parameters, kept to express the merged state as a delta
         self.pretrained = [getattr(m, a).detach().clone() for _, m, a in self.sites]
+        generator = self._generator()  # one stream, as in `unpack`: layers get distinct W_down
         for _, module, attr in self.sites:
             dim = getattr(module, attr).shape[-1]
-            adapter = WeightAdapter(dim, cfg.rank, cfg.activation, self._generator())
+            adapter = WeightAdapter(dim, cfg.rank, cfg.activation, generator)
             parametrize.register_parametrization(module, attr, adapter)
             self.adapters.append(adapter)
 
