@@ -6,12 +6,14 @@ A method owns a model and exposes its trainable state as one flat float32 vector
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from fedsparse.model import head_parameter_names
@@ -41,6 +43,13 @@ class Method:
 
     def merge(self) -> PreTrainedModel:
         """Return a stock Hugging Face model with the trained state folded in."""
+        return self.model
+
+    def _fold(self, sites: Iterable[tuple[nn.Module, str]]) -> PreTrainedModel:
+        """Replace each parametrized (module, attribute) by its current value: a stock model."""
+        for module, attr in sites:
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+        self.model.requires_grad_(True)
         return self.model
 
     def fingerprint(self) -> str:

@@ -114,7 +114,4 @@ class HiWi(Method):
                 adapter.reset(generator)
 
     def merge(self) -> PreTrainedModel:
-        for _, module, attr in self.sites:
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-        self.model.requires_grad_(True)
-        return self.model
+        return self._fold((module, attr) for _, module, attr in self.sites)

@@ -164,7 +164,4 @@ class PaFi(Method):
 
     def merge(self) -> PreTrainedModel:
         """Fold the values into plain weights; the model is a stock HF model afterwards."""
-        for module, attr in self.sites:
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
-        self.model.requires_grad_(True)
-        return self.model
+        return self._fold(self.sites)
