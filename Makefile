@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(BIN)/python -m fedsparse
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean:

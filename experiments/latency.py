@@ -7,6 +7,7 @@ forward passes after warm-up. Merged PaFi/HiWi are stock models, so their ratio 
 should be ~1.00; LoRA left unmerged and a Houlsby-style adapter on the hidden states add work.
 Writes experiments/results/latency.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,9 @@ def build(variant: str, model_name: str) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
@@ -77,13 +80,25 @@ def main() -> None:
     torch.manual_seed(0)
     ids = torch.randint(1000, 20000, (args.batch, args.length))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    variants = ["base", "pafi merged", "hiwi merged", "lora merged", "lora unmerged",
-                "pafi unmerged", "hiwi unmerged", "hidden-state adapter"]
+    variants = [
+        "base",
+        "pafi merged",
+        "hiwi merged",
+        "lora merged",
+        "lora unmerged",
+        "pafi unmerged",
+        "hiwi unmerged",
+        "hidden-state adapter",
+    ]
     results = {v: median_ms(build(v, args.model), batch, args.repeats) for v in variants}
     base = results["base"]
-    lines = [f"Model {args.model}, batch {args.batch} x {args.length} tokens, CPU, "
-             f"{torch.get_num_threads()} threads, median of {args.repeats}", "",
-             "| variant | ms per batch | ratio to base |", "|---|---:|---:|"]
+    lines = [
+        f"Model {args.model}, batch {args.batch} x {args.length} tokens, CPU, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}",
+        "",
+        "| variant | ms per batch | ratio to base |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {v} | {ms:.1f} | {ms / base:.2f} |" for v, ms in results.items()]
     text = "\n".join(lines)
     print(text)

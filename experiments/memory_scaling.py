@@ -8,6 +8,7 @@ Ray workers, raylet) every 0.2 s. Idle clients must cost nothing: Flower's simul
 ClientApp process per actor and fedsparse caches one model per process, so the peak should
 stay flat from 10 to 1000 clients. Writes experiments/results/memory_scaling.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,17 @@ def tree_rss(root: psutil.Process) -> int:
 
 
 def run_one(num_clients: int, model: str, rounds: int, out_dir: Path) -> dict:
-    overrides = [f"model.name={model}", f"federation.num_clients={num_clients}",
-                 "federation.clients_per_round=10", f"federation.rounds={rounds}",
-                 "federation.partitioner=iid", "train.local_steps=5", "data.max_eval_examples=128",
-                 f"output_dir={out_dir}", f"run_name=clients-{num_clients}"]
+    overrides = [
+        f"model.name={model}",
+        f"federation.num_clients={num_clients}",
+        "federation.clients_per_round=10",
+        f"federation.rounds={rounds}",
+        "federation.partitioner=iid",
+        "train.local_steps=5",
+        "data.max_eval_examples=128",
+        f"output_dir={out_dir}",
+        f"run_name=clients-{num_clients}",
+    ]
     start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "fedsparse", *overrides])
     root, peak = psutil.Process(proc.pid), 0
@@ -44,15 +52,24 @@ def run_one(num_clients: int, model: str, rounds: int, out_dir: Path) -> dict:
         time.sleep(0.2)
     if proc.returncode:
         raise SystemExit(f"run with {num_clients} clients failed (exit {proc.returncode})")
-    rounds_log = [json.loads(line) for line in (out_dir / f"clients-{num_clients}" / "rounds.jsonl").read_text().splitlines()]
+    rounds_log = [
+        json.loads(line)
+        for line in (out_dir / f"clients-{num_clients}" / "rounds.jsonl").read_text().splitlines()
+    ]
     per_round = [b["wall_seconds"] - a["wall_seconds"] for a, b in zip(rounds_log, rounds_log[1:])]
-    return {"clients": num_clients, "sampled_per_round": 10, "peak_rss_mb": round(peak / 2**20),
-            "mean_round_seconds": round(sum(per_round) / len(per_round), 2),
-            "total_seconds": round(time.time() - start, 1)}
+    return {
+        "clients": num_clients,
+        "sampled_per_round": 10,
+        "peak_rss_mb": round(peak / 2**20),
+        "mean_round_seconds": round(sum(per_round) / len(per_round), 2),
+        "total_seconds": round(time.time() - start, 1),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--rounds", type=int, default=2)
@@ -60,8 +77,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [run_one(n, args.model, args.rounds, Path(tmp)) for n in args.clients]
-    lines = [f"Model {args.model}, 10 clients sampled per round, {args.rounds} rounds, 5 local steps", "",
-             "| clients | peak RSS of all processes (MB) | mean wall time per round (s) |", "|---:|---:|---:|"]
+    lines = [
+        f"Model {args.model}, 10 clients sampled per round, {args.rounds} rounds, 5 local steps",
+        "",
+        "| clients | peak RSS of all processes (MB) | mean wall time per round (s) |",
+        "|---:|---:|---:|",
+    ]
     lines += [f"| {r['clients']} | {r['peak_rss_mb']:,} | {r['mean_round_seconds']} |" for r in results]
     text = "\n".join(lines)
     print(text)

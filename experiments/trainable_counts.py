@@ -4,6 +4,7 @@
 
 Counts come from building each method on the real model, not from formulas.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,21 @@ from fedsparse.config import compose_config
 from fedsparse.methods import METHODS, build_method
 from fedsparse.model import load_model
 
-VARIANTS = [("pafi", []), ("hiwi", []), ("hiwi", ["method.exchange=merged"]), ("full", []),
-            ("bitfit", []), ("lora", []), ("topk", [])]
+VARIANTS = [
+    ("pafi", []),
+    ("hiwi", []),
+    ("hiwi", ["method.exchange=merged"]),
+    ("full", []),
+    ("bitfit", []),
+    ("lora", []),
+    ("topk", []),
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="minilm", help="minilm, tiny-bert, a hub id or a path")
     parser.add_argument("--out", default="experiments/results/trainable_counts.md")
     args = parser.parse_args()
@@ -32,11 +42,16 @@ def main() -> None:
         method = build_method(model, cfg.method)
         label = name + (f" ({extra[0].split('=')[1]})" if extra else "")
         rows.append((label, method.num_trainable(), method.num_values(), method.head_size))
-    lines = [f"Model: {args.model} ({total:,} parameters, 2-label head)", "",
-             "| method | trained locally | values per message | of which head | % of model |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {label} | {trained:,} | {sent:,} | {head:,} | {100 * sent / total:.3f}% |"
-              for label, trained, sent, head in rows]
+    lines = [
+        f"Model: {args.model} ({total:,} parameters, 2-label head)",
+        "",
+        "| method | trained locally | values per message | of which head | % of model |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {label} | {trained:,} | {sent:,} | {head:,} | {100 * sent / total:.3f}% |"
+        for label, trained, sent, head in rows
+    ]
     text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

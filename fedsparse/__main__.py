@@ -1,4 +1,5 @@
 """`python -m fedsparse [overrides]`: federated simulation (default) or `mode=central`."""
+
 from __future__ import annotations
 
 import hydra
@@ -12,9 +13,11 @@ def main(cfg: DictConfig) -> None:
     cfg = finalize(cfg)
     if cfg.mode == "central":
         from fedsparse.central import run_central
+
         run_central(cfg)
     else:
         from fedsparse.simulation import run_simulation
+
         run_simulation(cfg)
 
 

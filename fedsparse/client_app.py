@@ -4,6 +4,7 @@ The frozen pre-trained model is loaded once per process and cached; each message
 the packed trainable state and a small config (round, lr, local steps, batch size, mask
 fingerprint). A client whose own mask has another fingerprint refuses to train.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,14 +36,28 @@ def client_method(cfg: DictConfig) -> Method:
 
 
 @functools.lru_cache(maxsize=16)
-def _shard(data_yaml: str, source: str, glue_dir: str | None, num_partitions: int,
-           partition_id: int, batch_size: int) -> DataLoader:
+def _shard(
+    data_yaml: str, source: str, glue_dir: str | None, num_partitions: int, partition_id: int, batch_size: int
+) -> DataLoader:
     cfg = OmegaConf.create(data_yaml)
     fed = cfg.federation
-    shard = partition(train_split(cfg, source, glue_dir), num_partitions, partition_id,
-                      fed.partitioner, float(fed.alpha), int(cfg.seed), int(fed.min_partition_size))
-    return make_loader(shard, load_tokenizer(cfg.model.name), int(cfg.data.max_length), batch_size,
-                       shuffle=True, seed=int(cfg.seed) + partition_id)
+    shard = partition(
+        train_split(cfg, source, glue_dir),
+        num_partitions,
+        partition_id,
+        fed.partitioner,
+        float(fed.alpha),
+        int(cfg.seed),
+        int(fed.min_partition_size),
+    )
+    return make_loader(
+        shard,
+        load_tokenizer(cfg.model.name),
+        int(cfg.data.max_length),
+        batch_size,
+        shuffle=True,
+        seed=int(cfg.seed) + partition_id,
+    )
 
 
 def client_shard(cfg: DictConfig, node_config: dict, batch_size: int) -> DataLoader:
@@ -53,18 +68,26 @@ def client_shard(cfg: DictConfig, node_config: dict, batch_size: int) -> DataLoa
     if "data-dir" in node_config:  # this data owner's own GLUE directory
         source, glue_dir = "dir", str(node_config["data-dir"])
     relevant = OmegaConf.to_yaml({k: cfg[k] for k in ("data", "federation", "model", "task", "seed")})
-    return _shard(relevant, source, glue_dir, int(node_config["num-partitions"]),
-                  int(node_config["partition-id"]), int(batch_size))
+    return _shard(
+        relevant,
+        source,
+        glue_dir,
+        int(node_config["num-partitions"]),
+        int(node_config["partition-id"]),
+        int(batch_size),
+    )
 
 
 def _receive(method: Method, msg: Message) -> tuple[np.ndarray, ConfigRecord]:
     """Check the fingerprint, then load the received global state into the model."""
     config = msg.content["config"]
     if config["fingerprint"] != method.fingerprint():
-        raise RuntimeError("Refusing to train: this client's mask fingerprint "
-                           f"{method.fingerprint()[:12]} differs from the server's "
-                           f"{str(config['fingerprint'])[:12]}. Both must load the same checkpoint "
-                           "with the same method settings.")
+        raise RuntimeError(
+            "Refusing to train: this client's mask fingerprint "
+            f"{method.fingerprint()[:12]} differs from the server's "
+            f"{str(config['fingerprint'])[:12]}. Both must load the same checkpoint "
+            "with the same method settings."
+        )
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     received = method.decode(arrays)
     method.unpack(received)
@@ -76,16 +99,29 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
     received, config = _receive(method, msg)
     loader = client_shard(cfg, context.node_config, int(config["batch-size"]))
     start = time.time()
-    seed = int(cfg.seed) * 1_000_003 + int(config["server-round"]) * 1_009 + int(context.node_config["partition-id"])
-    loss = train(method, loader, float(config["lr"]), steps=int(config["local-steps"]) or None,
-                 epochs=float(config["local-epochs"]) or None,
-                 weight_decay=float(cfg.train.weight_decay), seed=seed)
+    seed = (
+        int(cfg.seed) * 1_000_003
+        + int(config["server-round"]) * 1_009
+        + int(context.node_config["partition-id"])
+    )
+    loss = train(
+        method,
+        loader,
+        float(config["lr"]),
+        steps=int(config["local-steps"]) or None,
+        epochs=float(config["local-epochs"]) or None,
+        weight_decay=float(cfg.train.weight_decay),
+        seed=seed,
+    )
     wire = method.encode(method.pack(), reference=received)
-    metrics = {"num-examples": len(loader.dataset), "train-loss": loss,
-               "train-seconds": time.time() - start}
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
-                          METRICS_KEY: MetricRecord(metrics),
-                          INFO_KEY: ConfigRecord({"fingerprint": method.fingerprint()})})
+    metrics = {"num-examples": len(loader.dataset), "train-loss": loss, "train-seconds": time.time() - start}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
+            METRICS_KEY: MetricRecord(metrics),
+            INFO_KEY: ConfigRecord({"fingerprint": method.fingerprint()}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -5,6 +5,7 @@ flat run config from `[tool.flwr.app.config]`. The bridge keeps a single source 
 Flower run config holds only `overrides`, the same Hydra override strings, and both doors
 compose the same `conf/` tree from them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,10 @@ def from_run_config(run_config: dict) -> DictConfig:
     """Flower run config -> the resolved config."""
     extra = sorted(set(run_config) - {RUN_CONFIG_KEY})
     if extra:
-        raise ValueError(f"Unknown run-config keys {extra}: pass settings as Hydra overrides, e.g. "
-                         "--run-config 'overrides=\"method=hiwi federation.rounds=3\"'.")
+        raise ValueError(
+            f"Unknown run-config keys {extra}: pass settings as Hydra overrides, e.g. "
+            "--run-config 'overrides=\"method=hiwi federation.rounds=3\"'."
+        )
     return compose_config(shlex.split(str(run_config.get(RUN_CONFIG_KEY, ""))))
 
 
@@ -64,12 +67,18 @@ def finalize(cfg: DictConfig) -> DictConfig:
         (cfg.mode in MODES, f"mode={cfg.mode}: use one of {MODES}"),
         (cfg.method.name in METHODS, f"method={cfg.method.name}: use one of {tuple(METHODS)}"),
         (cfg.task.name in TASKS, f"task={cfg.task.name}: use one of {tuple(TASKS)}"),
-        (cfg.federation.strategy in STRATEGIES,
-         f"federation.strategy={cfg.federation.strategy}: use one of {tuple(STRATEGIES)}"),
-        (cfg.federation.partitioner in ("dirichlet", "iid"),
-         f"federation.partitioner={cfg.federation.partitioner}: use dirichlet or iid"),
-        (0 < cfg.federation.clients_per_round <= cfg.federation.num_clients,
-         "federation.clients_per_round must be between 1 and federation.num_clients"),
+        (
+            cfg.federation.strategy in STRATEGIES,
+            f"federation.strategy={cfg.federation.strategy}: use one of {tuple(STRATEGIES)}",
+        ),
+        (
+            cfg.federation.partitioner in ("dirichlet", "iid"),
+            f"federation.partitioner={cfg.federation.partitioner}: use dirichlet or iid",
+        ),
+        (
+            0 < cfg.federation.clients_per_round <= cfg.federation.num_clients,
+            "federation.clients_per_round must be between 1 and federation.num_clients",
+        ),
         (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),
         (cfg.federation.alpha > 0, "federation.alpha must be > 0"),
         (cfg.train.lr > 0 and cfg.train.batch_size >= 1, "train.lr must be > 0, train.batch_size >= 1"),

@@ -4,6 +4,7 @@ Sources: a local directory in GLUE's TSV layout (`data.glue_dir`), the SST-2 cop
 this package (works offline on a fresh machine), or the Hugging Face hub (`nyu-mll/glue`).
 Every loader returns columns `sentence1`, (`sentence2`), `label`. GLUE dev is our test set.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,10 +30,10 @@ SOURCES = ("auto", "dir", "bundled", "hub")
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    glue_dir: str                 # folder in GLUE's layout
-    num_labels: int               # 1: regression (STS-B)
+    glue_dir: str  # folder in GLUE's layout
+    num_labels: int  # 1: regression (STS-B)
     text_columns: tuple[int, ...]  # TSV column positions of sentence1 (and sentence2)
-    label_column: int             # TSV column of the label (-1: last)
+    label_column: int  # TSV column of the label (-1: last)
     hub_columns: tuple[str, ...]  # the same texts in nyu-mll/glue
     header: bool = True
     dev_split: str = "dev"
@@ -45,17 +46,28 @@ class TaskSpec:
 
 
 NLI2 = ("entailment", "not_entailment")
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("sst2", "SST-2", 2, (0,), 1, ("sentence",)),
-    TaskSpec("cola", "CoLA", 2, (3,), 1, ("sentence",), header=False),
-    TaskSpec("mrpc", "MRPC", 2, (3, 4), 0, ("sentence1", "sentence2")),
-    TaskSpec("rte", "RTE", 2, (1, 2), 3, ("sentence1", "sentence2"), label_names=NLI2),
-    TaskSpec("stsb", "STS-B", 1, (7, 8), 9, ("sentence1", "sentence2")),
-    TaskSpec("qnli", "QNLI", 2, (1, 2), 3, ("question", "sentence"), label_names=NLI2),
-    TaskSpec("mnli", "MNLI", 3, (8, 9), -1, ("premise", "hypothesis"), dev_split="dev_matched",
-             label_names=("entailment", "neutral", "contradiction")),
-    TaskSpec("qqp", "QQP", 2, (3, 4), 5, ("question1", "question2")),
-)}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("sst2", "SST-2", 2, (0,), 1, ("sentence",)),
+        TaskSpec("cola", "CoLA", 2, (3,), 1, ("sentence",), header=False),
+        TaskSpec("mrpc", "MRPC", 2, (3, 4), 0, ("sentence1", "sentence2")),
+        TaskSpec("rte", "RTE", 2, (1, 2), 3, ("sentence1", "sentence2"), label_names=NLI2),
+        TaskSpec("stsb", "STS-B", 1, (7, 8), 9, ("sentence1", "sentence2")),
+        TaskSpec("qnli", "QNLI", 2, (1, 2), 3, ("question", "sentence"), label_names=NLI2),
+        TaskSpec(
+            "mnli",
+            "MNLI",
+            3,
+            (8, 9),
+            -1,
+            ("premise", "hypothesis"),
+            dev_split="dev_matched",
+            label_names=("entailment", "neutral", "contradiction"),
+        ),
+        TaskSpec("qqp", "QQP", 2, (3, 4), 5, ("question1", "question2")),
+    )
+}
 BUNDLED = {("sst2", "train"): "sst2_train.tsv.gz", ("sst2", "validation"): "sst2_dev.tsv.gz"}
 
 
@@ -65,8 +77,9 @@ def task_spec(task: str) -> TaskSpec:
     return TASKS[task]
 
 
-def load_glue(task: str, split: str = "train", source: str = "auto",
-              glue_dir: str | None = None) -> datasets.Dataset:
+def load_glue(
+    task: str, split: str = "train", source: str = "auto", glue_dir: str | None = None
+) -> datasets.Dataset:
     """A GLUE split as columns sentence1[, sentence2], label (cached per process)."""
     spec = task_spec(task)
     if split not in SPLITS:
@@ -94,8 +107,10 @@ def _file_for(spec: TaskSpec, split: str) -> str:
 def _load_dir(spec: TaskSpec, split: str, glue_dir: str) -> datasets.Dataset:
     path = Path(glue_dir) / spec.glue_dir / _file_for(spec, split)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found. Point data.glue_dir at a directory with "
-                                f"{spec.glue_dir}/{_file_for(spec, split)} (GLUE's TSV layout).")
+        raise FileNotFoundError(
+            f"{path} not found. Point data.glue_dir at a directory with "
+            f"{spec.glue_dir}/{_file_for(spec, split)} (GLUE's TSV layout)."
+        )
     return _parse_tsv(spec, path.read_text(encoding="utf-8-sig"))
 
 
@@ -110,10 +125,16 @@ def _parse_tsv(spec: TaskSpec, text: str) -> datasets.Dataset:
     rows = list(csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
     if spec.header:
         rows = rows[1:]
-    columns: dict[str, list] = {f"sentence{i + 1}": [r[c] for r in rows] for i, c in enumerate(spec.text_columns)}
+    columns: dict[str, list] = {
+        f"sentence{i + 1}": [r[c] for r in rows] for i, c in enumerate(spec.text_columns)
+    }
     columns["label"] = [spec.label_id(r[spec.label_column]) for r in rows]
-    features = datasets.Features({**{k: datasets.Value("string") for k in columns if k != "label"},
-                                  "label": datasets.Value("float32" if spec.num_labels == 1 else "int64")})
+    features = datasets.Features(
+        {
+            **{k: datasets.Value("string") for k in columns if k != "label"},
+            "label": datasets.Value("float32" if spec.num_labels == 1 else "int64"),
+        }
+    )
     return datasets.Dataset.from_dict(columns, features=features)
 
 
@@ -126,7 +147,8 @@ def _load_hub(spec: TaskSpec, split: str) -> datasets.Dataset:
         raise RuntimeError(
             f"Could not load {spec.name}/{split} from the Hugging Face hub ({type(err).__name__}: {err}). "
             "Fix: pass data.glue_dir=/path/to/glue (a directory in GLUE's TSV layout), or use "
-            "task=sst2, which is bundled and works offline.") from err
+            "task=sst2, which is bundled and works offline."
+        ) from err
     names = {old: f"sentence{i + 1}" for i, old in enumerate(spec.hub_columns)}
     keep = [*spec.hub_columns, "label"]
     return data.select_columns(keep).rename_columns(names)
@@ -149,9 +171,11 @@ def bundled_asset(name: str) -> Path:
     for path in candidates:
         if path.exists():
             return path
-    raise FileNotFoundError(f"Bundled data file {name} not found (looked in: "
-                            f"{', '.join(map(str, candidates))}). Reinstall fedsparse "
-                            "(`pip install .`) or pass data.glue_dir=/path/to/glue.")
+    raise FileNotFoundError(
+        f"Bundled data file {name} not found (looked in: "
+        f"{', '.join(map(str, candidates))}). Reinstall fedsparse "
+        "(`pip install .`) or pass data.glue_dir=/path/to/glue."
+    )
 
 
 def train_split(cfg: DictConfig, source: str | None = None, glue_dir: str | None = None) -> datasets.Dataset:
@@ -184,8 +208,9 @@ def _binned(dataset: datasets.Dataset) -> datasets.Dataset:
 _FITTED: dict[tuple, Partitioner] = {}
 
 
-def _partitioner(dataset: datasets.Dataset, num_partitions: int, kind: str, alpha: float, seed: int,
-                 min_size: int) -> Partitioner:
+def _partitioner(
+    dataset: datasets.Dataset, num_partitions: int, kind: str, alpha: float, seed: int, min_size: int
+) -> Partitioner:
     """Fitted partitioners are cached: a client asks for its shard every round."""
     key = (dataset._fingerprint, num_partitions, kind, alpha, seed, min_size)
     if key not in _FITTED:
@@ -195,11 +220,14 @@ def _partitioner(dataset: datasets.Dataset, num_partitions: int, kind: str, alph
     return _FITTED[key]
 
 
-def _fit_partitioner(dataset: datasets.Dataset, num_partitions: int, kind: str, alpha: float,
-                     seed: int, min_size: int) -> Partitioner:
+def _fit_partitioner(
+    dataset: datasets.Dataset, num_partitions: int, kind: str, alpha: float, seed: int, min_size: int
+) -> Partitioner:
     if num_partitions > len(dataset):
-        raise ValueError(f"{num_partitions} partitions for {len(dataset)} examples: use fewer clients "
-                         "(federation.num_clients) or more data.")
+        raise ValueError(
+            f"{num_partitions} partitions for {len(dataset)} examples: use fewer clients "
+            "(federation.num_clients) or more data."
+        )
     if kind == "iid":  # IidPartitioner shards contiguously: shuffle first
         partitioner: Partitioner = IidPartitioner(num_partitions=num_partitions)
         partitioner.dataset = dataset.shuffle(seed=seed)
@@ -207,35 +235,58 @@ def _fit_partitioner(dataset: datasets.Dataset, num_partitions: int, kind: str, 
         by = "label"
         if dataset.features["label"].dtype.startswith("float"):
             dataset, by = _binned(dataset), BIN_COLUMN
-        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by=by, alpha=alpha,
-                                           seed=seed, min_partition_size=min_size, self_balancing=False)
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=by,
+            alpha=alpha,
+            seed=seed,
+            min_partition_size=min_size,
+            self_balancing=False,
+        )
         partitioner.dataset = dataset
     else:
         raise ValueError(f"Unknown partitioner '{kind}': use dirichlet or iid.")
     try:
         partitioner.load_partition(0)  # fit now, so errors surface here with a useful message
     except ValueError as err:
-        raise ValueError(f"Dirichlet partitioning failed ({err}). Fix: a larger federation.alpha, "
-                         "fewer clients, or a lower federation.min_partition_size.") from err
+        raise ValueError(
+            f"Dirichlet partitioning failed ({err}). Fix: a larger federation.alpha, "
+            "fewer clients, or a lower federation.min_partition_size."
+        ) from err
     return partitioner
 
 
-def partition(dataset: datasets.Dataset, num_partitions: int, partition_id: int,
-              partitioner: str = "dirichlet", alpha: float = 1.0, seed: int = 42,
-              min_partition_size: int = 10) -> datasets.Dataset:
+def partition(
+    dataset: datasets.Dataset,
+    num_partitions: int,
+    partition_id: int,
+    partitioner: str = "dirichlet",
+    alpha: float = 1.0,
+    seed: int = 42,
+    min_partition_size: int = 10,
+) -> datasets.Dataset:
     """Shard `partition_id` of `num_partitions`; every example lands in exactly one shard."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}.")
-    fitted = _partitioner(dataset, num_partitions, partitioner, float(alpha), int(seed),
-                          int(min_partition_size))
+    fitted = _partitioner(
+        dataset, num_partitions, partitioner, float(alpha), int(seed), int(min_partition_size)
+    )
     shard = fitted.load_partition(partition_id)
     return shard.remove_columns(BIN_COLUMN) if BIN_COLUMN in shard.column_names else shard
 
 
-def partition_all(dataset: datasets.Dataset, num_partitions: int, partitioner: str = "dirichlet",
-                  alpha: float = 1.0, seed: int = 42, min_partition_size: int = 10) -> list[datasets.Dataset]:
-    return [partition(dataset, num_partitions, i, partitioner, alpha, seed, min_partition_size)
-            for i in range(num_partitions)]
+def partition_all(
+    dataset: datasets.Dataset,
+    num_partitions: int,
+    partitioner: str = "dirichlet",
+    alpha: float = 1.0,
+    seed: int = 42,
+    min_partition_size: int = 10,
+) -> list[datasets.Dataset]:
+    return [
+        partition(dataset, num_partitions, i, partitioner, alpha, seed, min_partition_size)
+        for i in range(num_partitions)
+    ]
 
 
 def label_histograms(partitions: list[datasets.Dataset], num_bins: int = 5) -> list[list[int]]:

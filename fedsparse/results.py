@@ -1,4 +1,5 @@
 """Run directories: the resolved config, one JSON line per round, and a summary."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,10 @@ def read_run(path: str | Path) -> tuple[dict, list[dict], dict]:
         raise FileNotFoundError(f"{path} is not a finished fedsparse run (missing {', '.join(missing)}).")
     config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
     rounds_file = path / "rounds.jsonl"
-    rounds = [json.loads(line) for line in rounds_file.read_text().splitlines() if line.strip()] \
-        if rounds_file.exists() else []
+    rounds = (
+        [json.loads(line) for line in rounds_file.read_text().splitlines() if line.strip()]
+        if rounds_file.exists()
+        else []
+    )
     summary = json.loads((path / "summary.json").read_text())
     return config, rounds, summary

@@ -1,5 +1,6 @@
 """Flower ServerApp: samples clients, aggregates packed vectors, evaluates centrally on GLUE dev,
 and writes the run directory (config, per-round JSON lines, summary)."""
+
 from __future__ import annotations
 
 import random
@@ -21,13 +22,16 @@ from fedsparse.strategy import STRATEGIES, CommLedger, PackedState, wire_bytes
 from fedsparse.train import evaluate, make_loader
 
 
-
 def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> PackedState:
     fed = cfg.federation
     fraction = fed.clients_per_round / fed.num_clients
-    kwargs = dict(fraction_train=fraction, min_train_nodes=fed.clients_per_round,
-                  fraction_evaluate=fraction if fed.evaluate_clients else 0.0,
-                  min_evaluate_nodes=fed.clients_per_round, min_available_nodes=fed.clients_per_round)
+    kwargs = dict(
+        fraction_train=fraction,
+        min_train_nodes=fed.clients_per_round,
+        fraction_evaluate=fraction if fed.evaluate_clients else 0.0,
+        min_evaluate_nodes=fed.clients_per_round,
+        min_available_nodes=fed.clients_per_round,
+    )
     if fed.strategy == "fedavgm":
         kwargs.update(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
     elif fed.strategy == "fedadam":
@@ -48,17 +52,25 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
     model = load_model(cfg.model.name, TASKS[task].num_labels, cfg.seed)
     num_parameters = sum(p.numel() for p in model.parameters())
     method = build_method(model, cfg.method)
-    dev_loader = make_loader(dev_split(cfg), load_tokenizer(cfg.model.name), cfg.data.max_length,
-                             cfg.train.eval_batch_size, shuffle=False)
+    dev_loader = make_loader(
+        dev_split(cfg),
+        load_tokenizer(cfg.model.name),
+        cfg.data.max_length,
+        cfg.train.eval_batch_size,
+        shuffle=False,
+    )
     ledger = CommLedger(method.head_size)
     strategy = make_strategy(cfg, method, ledger)
     writer = RunWriter(cfg)
     full_bytes = full_model_bytes(num_parameters)
     metric = main_metric(task)
     fed = cfg.federation
-    print(f"fedsparse: {cfg.method.name} on {task} ({cfg.model.name}), {fed.num_clients} clients, "
-          f"{fed.clients_per_round}/round, {fed.rounds} rounds, {fed.partitioner} alpha={fed.alpha}; "
-          f"{method.num_values():,} values per message; results -> {writer.dir}", flush=True)
+    print(
+        f"fedsparse: {cfg.method.name} on {task} ({cfg.model.name}), {fed.num_clients} clients, "
+        f"{fed.clients_per_round}/round, {fed.rounds} rounds, {fed.partitioner} alpha={fed.alpha}; "
+        f"{method.num_values():,} values per message; results -> {writer.dir}",
+        flush=True,
+    )
     start = time.time()
     history: list[dict] = []
     cumulative = 0
@@ -69,30 +81,53 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
         metrics = evaluate(method.model, dev_loader, task)
         comm = ledger.summary(server_round)
         cumulative += comm["total_bytes"]
-        record = {"round": server_round, "dev": metrics, "comm": comm, "cumulative_bytes": cumulative,
-                  "ratio_to_full": comm["up"]["per_client"] / full_bytes,
-                  "train": dict(strategy.train_metrics.get(server_round, {})),
-                  "client_eval": dict(strategy.client_eval.get(server_round, {})),
-                  "rejected": strategy.rejected.get(server_round, []),
-                  "wall_seconds": time.time() - start}
+        record = {
+            "round": server_round,
+            "dev": metrics,
+            "comm": comm,
+            "cumulative_bytes": cumulative,
+            "ratio_to_full": comm["up"]["per_client"] / full_bytes,
+            "train": dict(strategy.train_metrics.get(server_round, {})),
+            "client_eval": dict(strategy.client_eval.get(server_round, {})),
+            "rejected": strategy.rejected.get(server_round, []),
+            "wall_seconds": time.time() - start,
+        }
         writer.add_round(record)
         history.append(record)
         print(format_round(record, fed.rounds, metric), flush=True)
         return MetricRecord(metrics)
 
-    train_config = ConfigRecord({"lr": float(cfg.train.lr), "batch-size": int(cfg.train.batch_size),
-                                 "local-steps": int(cfg.train.local_steps or 0),
-                                 "local-epochs": float(cfg.train.local_epochs or 0.0)})
-    strategy.start(grid=grid, initial_arrays=ArrayRecord({"values": Array(method.initial_state())}),
-                   num_rounds=fed.rounds, train_config=train_config, evaluate_fn=evaluate_fn)
+    train_config = ConfigRecord(
+        {
+            "lr": float(cfg.train.lr),
+            "batch-size": int(cfg.train.batch_size),
+            "local-steps": int(cfg.train.local_steps or 0),
+            "local-epochs": float(cfg.train.local_epochs or 0.0),
+        }
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({"values": Array(method.initial_state())}),
+        num_rounds=fed.rounds,
+        train_config=train_config,
+        evaluate_fn=evaluate_fn,
+    )
     final = history[-1]
     summary = {
-        "mode": "federated", "method": cfg.method.name, "task": task, "model": cfg.model.name,
-        "rounds": fed.rounds, "metric": metric, "final": final["dev"],
+        "mode": "federated",
+        "method": cfg.method.name,
+        "task": task,
+        "model": cfg.model.name,
+        "rounds": fed.rounds,
+        "metric": metric,
+        "final": final["dev"],
         "best": max((h["dev"][metric] for h in history[1:]), default=None),
-        "values_per_message": method.num_values(), "trainable_values": method.num_trainable(),
-        "head_values": method.head_size, "model_parameters": num_parameters,
-        "full_model_message_bytes": full_bytes, "fingerprint": method.fingerprint(),
+        "values_per_message": method.num_values(),
+        "trainable_values": method.num_trainable(),
+        "head_values": method.head_size,
+        "model_parameters": num_parameters,
+        "full_model_message_bytes": full_bytes,
+        "fingerprint": method.fingerprint(),
         "bytes_down": sum(h["comm"][d]["bytes"] for h in history for d in ("down", "eval_down")),
         "bytes_up": sum(h["comm"][d]["bytes"] for h in history for d in ("up", "eval_up")),
         "mean_up_per_client": float(np.mean([h["comm"]["up"]["per_client"] for h in history[1:]])),
@@ -102,8 +137,9 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
     }
     writer.write_summary(summary)
     print(format_comm_table(history), flush=True)
-    plots = plot_runs([{"summary": summary, "rounds": history, "config": OmegaConf.to_container(cfg)}],
-                      writer.dir)
+    plots = plot_runs(
+        [{"summary": summary, "rounds": history, "config": OmegaConf.to_container(cfg)}], writer.dir
+    )
     print(f"results: {writer.dir} (plots: {', '.join(p.name for p in plots)})", flush=True)
     return summary
 

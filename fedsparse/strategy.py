@@ -6,6 +6,7 @@ client's update has the same support. Only `topk` changes the wire format (value
 indices); its replies are decoded onto the global vector before the base strategy sees them.
 Bytes are measured on the messages themselves with Flower's protobuf serializer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 from fedsparse.methods import Method
 
 log = logging.getLogger("fedsparse")
-INFO_KEY = "info"        # ConfigRecord in each reply: the client's mask fingerprint
+INFO_KEY = "info"  # ConfigRecord in each reply: the client's mask fingerprint
 METRICS_KEY = "metrics"
 
 
@@ -36,8 +37,15 @@ class CommLedger:
         self.head_size = head_size
         self.rounds: dict[int, list[dict]] = {}
 
-    def add(self, server_round: int, kind: str, direction: str, message: Message,
-            arrays: ArrayRecord | None, node_id: int) -> dict:
+    def add(
+        self,
+        server_round: int,
+        kind: str,
+        direction: str,
+        message: Message,
+        arrays: ArrayRecord | None,
+        node_id: int,
+    ) -> dict:
         total = wire_bytes(message)
         values = indices = 0
         if arrays is not None:
@@ -46,9 +54,16 @@ class CommLedger:
             if "indices" in arrays:
                 indices = arrays["indices"].numpy().nbytes
         head = min(values, 4 * self.head_size)
-        entry = {"kind": kind, "direction": direction, "node": int(node_id), "bytes": total,
-                 "values": values - head, "head": head, "indices": indices,
-                 "overhead": total - values - indices}
+        entry = {
+            "kind": kind,
+            "direction": direction,
+            "node": int(node_id),
+            "bytes": total,
+            "values": values - head,
+            "head": head,
+            "indices": indices,
+            "overhead": total - values - indices,
+        }
         self.rounds.setdefault(server_round, []).append(entry)
         return entry
 
@@ -62,7 +77,8 @@ class CommLedger:
                 mine = [e for e in entries if e["kind"] == kind and e["direction"] == direction]
                 total = sum(e["bytes"] for e in mine)
                 out[prefix + direction] = {
-                    "messages": len(mine), "bytes": total,
+                    "messages": len(mine),
+                    "bytes": total,
                     "per_client": total / len(mine) if mine else 0.0,
                     **{k: sum(e[k] for e in mine) for k in ("values", "head", "indices", "overhead")},
                 }
@@ -85,8 +101,9 @@ class PackedState:
         self.untouched: np.ndarray | None = None
         self.client_eval: dict[int, MetricRecord] = {}
 
-    def _send(self, server_round: int, kind: str, messages: Iterable[Message],
-              arrays: ArrayRecord) -> list[Message]:
+    def _send(
+        self, server_round: int, kind: str, messages: Iterable[Message], arrays: ArrayRecord
+    ) -> list[Message]:
         messages = list(messages)
         self.global_values = arrays["values"].numpy()
         wire = ArrayRecord({k: Array(v) for k, v in self.method.encode(self.global_values).items()})
@@ -95,20 +112,23 @@ class PackedState:
             self.ledger.add(server_round, kind, "down", message, wire, message.metadata.dst_node_id)
         return messages
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> list[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         config["fingerprint"] = self.fingerprint
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._send(server_round, "train", messages, arrays)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> list[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         config["fingerprint"] = self.fingerprint
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._send(server_round, "evaluate", messages, arrays)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = []
         self.untouched = None  # entries every accepted reply left exactly at the global value
         for reply in replies:
@@ -184,8 +204,9 @@ class PackedState:
 class PackedFedAvg(PackedState, FedAvg):
     """Weighted FedAvg of the packed vectors."""
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self.untouched is not None:
             # The mean of identical values is that value; float32 summation can move it by an

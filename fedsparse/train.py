@@ -1,4 +1,5 @@
 """Tokenisation, local training and evaluation shared by central and federated runs."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,14 @@ from fedsparse.methods import Method
 from fedsparse.metrics import compute_metrics
 
 
-def make_loader(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+) -> DataLoader:
     """Tokenise once, pad per batch (dynamic padding keeps short SST-2 batches cheap)."""
     texts = [list(dataset["sentence1"])]
     if "sentence2" in dataset.column_names:
@@ -32,8 +39,7 @@ def make_loader(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, m
         return features
 
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                      generator=generator)
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
 def _batches(loader: DataLoader, steps: int) -> Iterator[dict]:
@@ -47,9 +53,17 @@ def _batches(loader: DataLoader, steps: int) -> Iterator[dict]:
                 return
 
 
-def train(method: Method, loader: DataLoader, lr: float, steps: int | None = None,
-          epochs: float | None = None, weight_decay: float = 0.0, seed: int = 0,
-          progress: bool = False, description: str = "train") -> float:
+def train(
+    method: Method,
+    loader: DataLoader,
+    lr: float,
+    steps: int | None = None,
+    epochs: float | None = None,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+    description: str = "train",
+) -> float:
     """Run local optimisation on the method's trainable tensors only; returns the mean loss.
 
     The optimizer sees `method.parameters()`, so Adam state exists only for what is trained
@@ -65,14 +79,20 @@ def train(method: Method, loader: DataLoader, lr: float, steps: int | None = Non
         return _optimise(method, loader, lr, steps, weight_decay, progress, description)
 
 
-def _optimise(method: Method, loader: DataLoader, lr: float, steps: int, weight_decay: float,
-              progress: bool, description: str) -> float:
+def _optimise(
+    method: Method,
+    loader: DataLoader,
+    lr: float,
+    steps: int,
+    weight_decay: float,
+    progress: bool,
+    description: str,
+) -> float:
     model = method.model
     optimizer = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
     total = 0.0
-    bar = tqdm(_batches(loader, steps), total=steps, desc=description, disable=not progress,
-               leave=False)
+    bar = tqdm(_batches(loader, steps), total=steps, desc=description, disable=not progress, leave=False)
     for step, batch in enumerate(bar, 1):
         loss = model(**batch).loss
         loss.backward()

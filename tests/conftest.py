@@ -1,11 +1,16 @@
 """Shared fixtures: offline environment, tiny models, method configs from the real YAML."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
-             "FLWR_DISABLE_UPDATE_CHECK"):
+for _var in (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
+    "FLWR_DISABLE_UPDATE_CHECK",
+):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -33,5 +38,4 @@ def tiny_model(num_labels: int = 2, seed: int = 0):
 def batch() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 2000, (4, 12), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "labels": torch.tensor([0, 1, 1, 0])}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}

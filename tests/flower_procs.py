@@ -1,4 +1,5 @@
 """Start real Flower processes on loopback for tests, and always stop them again."""
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,15 @@ def free_port() -> int:
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -34,9 +41,10 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
 def write_connection(flwr_home: Path, name: str, port: int, root_certificates: Path | None = None) -> None:
     """A SuperLink connection in $FLWR_HOME/config.toml (Flower 1.41 keeps them there)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    security = (f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true")
+    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n')
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n'
+    )
 
 
 @contextmanager
@@ -47,8 +55,9 @@ def processes(log_dir: Path, flwr_home: Path) -> Iterator:
 
     def start(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(log_dir / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
         started.append(proc)
         return proc
 
@@ -107,10 +116,22 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> Non
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def flwr_run(connection: str, overrides: str, env: dict[str, str], federation_config: str | None = None,
-             timeout: float = 400) -> subprocess.CompletedProcess:
-    argv = [str(BIN / "flwr"), "run", str(ROOT), connection, "--stream",
-            "--run-config", f'overrides="{overrides}"']
+def flwr_run(
+    connection: str,
+    overrides: str,
+    env: dict[str, str],
+    federation_config: str | None = None,
+    timeout: float = 400,
+) -> subprocess.CompletedProcess:
+    argv = [
+        str(BIN / "flwr"),
+        "run",
+        str(ROOT),
+        connection,
+        "--stream",
+        "--run-config",
+        f'overrides="{overrides}"',
+    ]
     if federation_config:
         argv += ["--federation-config", federation_config]
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

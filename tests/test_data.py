@@ -1,4 +1,5 @@
 """GLUE loading from the real TSVs and the bundled copy; seeded partitions."""
+
 from __future__ import annotations
 
 import datasets
@@ -8,11 +9,17 @@ from conftest import SHARED_GLUE
 
 from fedsparse.data import format_label_histograms, label_histograms, load_glue, partition, partition_all
 
-needs_glue = pytest.mark.skipif(not SHARED_GLUE.exists(),
-                                reason=f"{SHARED_GLUE} is absent: the GLUE TSVs sit beside the repo in CI")
+needs_glue = pytest.mark.skipif(
+    not SHARED_GLUE.exists(), reason=f"{SHARED_GLUE} is absent: the GLUE TSVs sit beside the repo in CI"
+)
 
-SIZES = {"sst2": (67_349, 872), "cola": (8_551, 1_043), "mrpc": (3_668, 408), "rte": (2_490, 277),
-         "stsb": (5_749, 1_500)}
+SIZES = {
+    "sst2": (67_349, 872),
+    "cola": (8_551, 1_043),
+    "mrpc": (3_668, 408),
+    "rte": (2_490, 277),
+    "stsb": (5_749, 1_500),
+}
 
 
 @needs_glue
@@ -62,8 +69,9 @@ def test_missing_data_errors_name_the_fix(tmp_path):
 
 
 def _indexed(n: int, labels: list[int]) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"sentence1": [f"s{i}" for i in range(n)], "label": labels,
-                                       "idx": list(range(n))})
+    return datasets.Dataset.from_dict(
+        {"sentence1": [f"s{i}" for i in range(n)], "label": labels, "idx": list(range(n))}
+    )
 
 
 def test_dirichlet_partitions_are_seeded_cover_everything_once_and_are_skewed():

@@ -1,5 +1,6 @@
 """Deployment on loopback: a real SuperLink and two SuperNodes (the commands the containers
 run), driven by `flwr run`, compared with a simulation of the same seed."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,17 +9,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_procs import (BIN, ROOT, flower_env, flwr_run, free_port, leftovers, processes, wait_for_port,
-                          write_connection)
+from flower_procs import (
+    BIN,
+    ROOT,
+    flower_env,
+    flwr_run,
+    free_port,
+    leftovers,
+    processes,
+    wait_for_port,
+    write_connection,
+)
 
 from fedsparse.config import compose_config
 from fedsparse.results import read_run
 from fedsparse.simulation import run_simulation
 
-OVERRIDES = ["model=tiny", "federation.num_clients=2", "federation.clients_per_round=2",
-             "federation.rounds=2", "train.local_steps=2", "train.batch_size=8",
-             "data.max_train_examples=400", "data.max_eval_examples=32", "data.max_length=32",
-             "method.density=0.05"]
+OVERRIDES = [
+    "model=tiny",
+    "federation.num_clients=2",
+    "federation.clients_per_round=2",
+    "federation.rounds=2",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "data.max_train_examples=400",
+    "data.max_eval_examples=32",
+    "data.max_length=32",
+    "method.density=0.05",
+]
 
 
 def deploy(tmp_path: Path, tls: Path | None = None) -> Path:
@@ -26,27 +44,67 @@ def deploy(tmp_path: Path, tls: Path | None = None) -> Path:
     home, port = tmp_path / "flwr-home", free_port()
     write_connection(home, "loopback", port, root_certificates=tls / "ca.crt" if tls else None)
     env = flower_env(home)
-    link_security = (["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem"),
-                      "--ssl-keyfile", str(tls / "server.key")] if tls else ["--insecure"])
+    link_security = (
+        [
+            "--ssl-ca-certfile",
+            str(tls / "ca.crt"),
+            "--ssl-certfile",
+            str(tls / "server.pem"),
+            "--ssl-keyfile",
+            str(tls / "server.key"),
+        ]
+        if tls
+        else ["--insecure"]
+    )
     node_security = ["--root-certificates", str(tls / "ca.crt")] if tls else ["--insecure"]
     out = tmp_path / "results"
     with processes(tmp_path, home) as start:
-        link = start("superlink", [str(BIN / "flower-superlink"), *link_security, "--isolation", "subprocess",
-                                   "--host", "127.0.0.1", "--port", str(port),
-                                   "--database", str(tmp_path / "state.db"),
-                                   "--disable-runtime-dependency-installation"], env)
+        link = start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"),
+                *link_security,
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--database",
+                str(tmp_path / "state.db"),
+                "--disable-runtime-dependency-installation",
+            ],
+            env,
+        )
         wait_for_port(port, link)
         for pid in range(2):
-            start(f"supernode-{pid}", [str(BIN / "flower-supernode"), *node_security,
-                                       "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                                       "--node-config", f"partition-id={pid} num-partitions=2"], env)
+            start(
+                f"supernode-{pid}",
+                [
+                    str(BIN / "flower-supernode"),
+                    *node_security,
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={pid} num-partitions=2",
+                ],
+                env,
+            )
         run = flwr_run("loopback", " ".join(OVERRIDES + [f"output_dir={out}", "run_name=deployed"]), env)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "[round 2/2]" in run.stdout
         if tls:  # the same SuperLink refuses a client that does not speak TLS
             write_connection(home, "plaintext", port)
-            plain = subprocess.run([str(BIN / "flwr"), "ls", "plaintext"], env=env, cwd=ROOT,
-                                   capture_output=True, text=True, timeout=120)
+            plain = subprocess.run(
+                [str(BIN / "flwr"), "ls", "plaintext"],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert plain.returncode != 0
     assert leftovers(home) == []  # every process it started is gone
     return out / "deployed"
@@ -83,6 +141,7 @@ def test_loopback_deployment_with_tls(tmp_path, simulated):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: cannot generate certificates")
     certs = tmp_path / "certificates"
-    subprocess.run(["bash", str(ROOT / "scripts" / "generate-certs.sh"), str(certs)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "generate-certs.sh"), str(certs)], check=True, capture_output=True
+    )
     _assert_matches_simulation(deploy(tmp_path, tls=certs), simulated)

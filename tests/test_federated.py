@@ -1,4 +1,5 @@
 """Federated runs in Flower's simulation engine on the tiny model: state, bytes, results."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_GLUE
 
 from fedsparse.config import compose_config
@@ -16,10 +16,18 @@ from fedsparse.results import read_run
 from fedsparse.simulation import run_simulation
 from fedsparse.strategy import PackedState
 
-BASE = ["model=tiny", "federation.num_clients=3", "federation.clients_per_round=3",
-        "federation.rounds=2", "train.local_steps=2", "train.batch_size=8",
-        "data.max_train_examples=600", "data.max_eval_examples=32", "data.max_length=32",
-        "federation.client_cpus=1"]
+BASE = [
+    "model=tiny",
+    "federation.num_clients=3",
+    "federation.clients_per_round=3",
+    "federation.rounds=2",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "data.max_train_examples=600",
+    "data.max_eval_examples=32",
+    "data.max_length=32",
+    "federation.client_cpus=1",
+]
 # a budget large enough that the head and the message header do not dominate the payload
 METHOD_OPTIONS = {"pafi": ["method.density=0.2"], "topk": ["method.density=0.2"]}
 
@@ -33,11 +41,20 @@ def captured():
     def spy(self, server_round, replies):
         replies = list(replies)
         arrays, metrics = original(self, server_round, replies)
-        kept = [(r.content["arrays"]["values"].numpy().copy(), r.content["metrics"]["num-examples"])
-                for r in replies if not r.has_error() and "values" in r.content["arrays"]
-                and r.content["arrays"]["values"].numpy().size == self.global_values.size]
-        calls.append({"method": self.method.name, "replies": kept,
-                      "aggregate": None if arrays is None else arrays["values"].numpy().copy()})
+        kept = [
+            (r.content["arrays"]["values"].numpy().copy(), r.content["metrics"]["num-examples"])
+            for r in replies
+            if not r.has_error()
+            and "values" in r.content["arrays"]
+            and r.content["arrays"]["values"].numpy().size == self.global_values.size
+        ]
+        calls.append(
+            {
+                "method": self.method.name,
+                "replies": kept,
+                "aggregate": None if arrays is None else arrays["values"].numpy().copy(),
+            }
+        )
         return arrays, metrics
 
     PackedState.aggregate_train = spy
@@ -51,8 +68,9 @@ def runs(tmp_path_factory, captured):
     out = tmp_path_factory.mktemp("runs")
     done = {}
     for name in ("pafi", "hiwi", "full", "bitfit", "lora", "topk"):
-        cfg = compose_config(BASE + [f"method={name}", f"output_dir={out}", f"run_name={name}"]
-                             + METHOD_OPTIONS.get(name, []))
+        cfg = compose_config(
+            BASE + [f"method={name}", f"output_dir={out}", f"run_name={name}"] + METHOD_OPTIONS.get(name, [])
+        )
         done[name] = (cfg, run_simulation(cfg))
     return done
 
@@ -163,7 +181,10 @@ def test_optional_client_side_evaluation_is_recorded(tmp_path):
         assert 0.0 <= r["client_eval"]["local-accuracy"] <= 1.0
         comm = r["comm"]
         assert comm["down"]["messages"] == comm["eval_down"]["messages"] == comm["eval_up"]["messages"] == 3
-        assert comm["eval_down"]["values"] + comm["eval_down"]["head"] == comm["down"]["values"] + comm["down"]["head"]
+        assert (
+            comm["eval_down"]["values"] + comm["eval_down"]["head"]
+            == comm["down"]["values"] + comm["down"]["head"]
+        )
         assert comm["total_bytes"] == sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
     assert (tmp_path / "ce" / "bytes_per_round.png").exists()
 
@@ -172,10 +193,19 @@ def test_optional_client_side_evaluation_is_recorded(tmp_path):
 def test_a_nodes_data_dir_replaces_the_configured_data_source():
     from fedsparse.client_app import client_shard
 
-    cfg = compose_config(["model=tiny", "task=rte", "federation.num_clients=2", "federation.clients_per_round=2",
-                          "data.max_length=32"])
-    shards = [client_shard(cfg, {"partition-id": i, "num-partitions": 2, "data-dir": str(SHARED_GLUE)}, 8)
-              for i in range(2)]
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "task=rte",
+            "federation.num_clients=2",
+            "federation.clients_per_round=2",
+            "data.max_length=32",
+        ]
+    )
+    shards = [
+        client_shard(cfg, {"partition-id": i, "num-partitions": 2, "data-dir": str(SHARED_GLUE)}, 8)
+        for i in range(2)
+    ]
     assert sum(len(s.dataset) for s in shards) == 2_490  # RTE train, split over the two nodes
     with pytest.raises(ValueError, match="partition-id"):
         client_shard(cfg, {"data-dir": str(SHARED_GLUE)}, 8)

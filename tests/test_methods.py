@@ -1,4 +1,5 @@
 """Methods on a tiny random BERT: masks, training invariants, packing, merging."""
+
 from __future__ import annotations
 
 import subprocess
@@ -76,9 +77,15 @@ print(compute_mask(tiny_model(), density=0.05).fingerprint)
 
 def test_fingerprint_is_identical_across_processes_and_changes_with_a_weight():
     tests = str(__import__("pathlib").Path(__file__).parent)
-    prints = [subprocess.run([sys.executable, "-c", FINGERPRINT_SCRIPT.format(tests=tests)],
-                             capture_output=True, text=True, check=True).stdout.strip()
-              for _ in range(2)]
+    prints = [
+        subprocess.run(
+            [sys.executable, "-c", FINGERPRINT_SCRIPT.format(tests=tests)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    ]
     assert len(prints[0]) == 64 and prints[0] == prints[1]
     model = tiny_model()
     assert compute_mask(model, density=0.05).fingerprint == prints[0]
@@ -112,7 +119,9 @@ def test_pafi_training_changes_only_masked_entries_and_keeps_small_optimizer_sta
             keep[masked[name]] = False
             changed_entries += int((after.reshape(-1)[~keep] != before.reshape(-1)[~keep]).sum())
         # bitwise: compare the raw bytes of the non-masked entries
-        assert torch.equal(after.reshape(-1)[keep].view(torch.int32), before.reshape(-1)[keep].view(torch.int32)), name
+        assert torch.equal(
+            after.reshape(-1)[keep].view(torch.int32), before.reshape(-1)[keep].view(torch.int32)
+        ), name
     assert changed_entries > 0.9 * method.mask.size
 
 
@@ -188,10 +197,15 @@ def test_trainable_counts_follow_the_definitions():
     head = 32 * 2 + 2
     counts = {name: build_method(tiny_model(), method_cfg(name)).num_values() for name in METHODS}
     assert counts["full"] == n_total
-    assert counts["bitfit"] == sum(p.numel() for n, p in model.named_parameters()
-                                      if n.startswith("bert.") and n.endswith(".bias")) + head
-    assert counts["lora"] == 2 * 2 * (32 * 8 + 8 * 32) + head      # 2 layers x {query, value}
-    assert counts["hiwi"] == 2 * (2 * 64 * 8) + head                # factors of the 64-wide FFN bias
+    assert (
+        counts["bitfit"]
+        == sum(
+            p.numel() for n, p in model.named_parameters() if n.startswith("bert.") and n.endswith(".bias")
+        )
+        + head
+    )
+    assert counts["lora"] == 2 * 2 * (32 * 8 + 8 * 32) + head  # 2 layers x {query, value}
+    assert counts["hiwi"] == 2 * (2 * 64 * 8) + head  # factors of the 64-wide FFN bias
     candidates = sum(p.numel() for _, p in candidate_parameters(model, "attention,ffn"))
     assert counts["pafi"] == counts["topk"] == round(0.005 * candidates) + head
 
@@ -207,7 +221,7 @@ def test_topk_wire_carries_k_values_with_int32_indices(batch):
     assert change[wire["indices"]].min() >= np.sort(change)[-method.k]
     decoded = method.decode(wire, received)
     assert np.array_equal(decoded[wire["indices"]], local[wire["indices"]])
-    assert np.array_equal(decoded[method.body_size:], local[method.body_size:])
+    assert np.array_equal(decoded[method.body_size :], local[method.body_size :])
     untouched = np.setdiff1d(np.arange(method.body_size), wire["indices"])
     assert np.array_equal(decoded[untouched], received[untouched])
     # downlink: only entries that differ from the checkpoint travel

@@ -1,4 +1,5 @@
 """GLUE metrics against values computed by hand."""
+
 from __future__ import annotations
 
 import math
@@ -26,14 +27,20 @@ def test_matthews_by_the_formula():
 def test_pearson_and_spearman_by_hand():
     x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 5.0])
     xc, yc = x - x.mean(), y - y.mean()
-    pearson = (xc * yc).sum() / math.sqrt((xc ** 2).sum() * (yc ** 2).sum())
+    pearson = (xc * yc).sum() / math.sqrt((xc**2).sum() * (yc**2).sum())
     # ranks of y: 1, 3, 2, 4 -> d^2 = 0 + 1 + 1 + 0
     spearman = 1 - 6 * 2 / (4 * (16 - 1))
     assert compute_metrics("stsb", x, y) == pytest.approx({"pearson": pearson, "spearmanr": spearman})
 
 
 def test_main_metric_per_task():
-    assert [main_metric(t) for t in ("sst2", "cola", "mrpc", "stsb", "rte", "qqp")] == \
-        ["accuracy", "matthews_correlation", "f1", "pearson", "accuracy", "f1"]
+    assert [main_metric(t) for t in ("sst2", "cola", "mrpc", "stsb", "rte", "qqp")] == [
+        "accuracy",
+        "matthews_correlation",
+        "f1",
+        "pearson",
+        "accuracy",
+        "f1",
+    ]
     with pytest.raises(ValueError, match="Unknown task"):
         main_metric("squad")

@@ -1,4 +1,5 @@
 """Model loading: bundled, tiny and missing models."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,11 @@ from fedsparse.model import TINY_BERT, bundled_minilm_path, head_parameter_names
 
 
 def test_tiny_model_is_deterministic_per_seed_and_uses_a_real_tokenizer():
-    a, b, c = load_model(TINY_BERT, 2, seed=1), load_model(TINY_BERT, 2, seed=1), load_model(TINY_BERT, 2, seed=2)
+    a, b, c = (
+        load_model(TINY_BERT, 2, seed=1),
+        load_model(TINY_BERT, 2, seed=1),
+        load_model(TINY_BERT, 2, seed=2),
+    )
     wa, wb, wc = (m.bert.encoder.layer[0].intermediate.dense.weight for m in (a, b, c))
     assert (wa == wb).all() and not (wa == wc).all()
     assert head_parameter_names(a) == ["classifier.weight", "classifier.bias"]

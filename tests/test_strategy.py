@@ -1,4 +1,5 @@
 """Reply validation in the server strategy: bad replies are dropped with a reason, never absorbed."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,11 +24,21 @@ def strategy():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def _reply(values: np.ndarray, weight: float = 10, fingerprint: str | None = None, strategy=None,
-           extra: dict | None = None) -> Message:
+def _reply(
+    values: np.ndarray,
+    weight: float = 10,
+    fingerprint: str | None = None,
+    strategy=None,
+    extra: dict | None = None,
+) -> Message:
     arrays = {"values": Array(values), **(extra or {})}
-    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": weight}),
-                          "info": ConfigRecord({"fingerprint": fingerprint or strategy.fingerprint})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(arrays),
+            "metrics": MetricRecord({"num-examples": weight}),
+            "info": ConfigRecord({"fingerprint": fingerprint or strategy.fingerprint}),
+        }
+    )
     return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
@@ -36,13 +47,16 @@ def test_bad_replies_are_dropped_and_the_rest_aggregated(strategy):
     good = [g + 1.0, g + 3.0]
     nan = g.copy()
     nan[0] = np.nan
-    replies = [_reply(good[0], 10, strategy=strategy), _reply(good[1], 30, strategy=strategy),
-               _reply(nan, 5, strategy=strategy),
-               _reply(g + 100, 5, fingerprint="0" * 64, strategy=strategy),
-               _reply(g[:-1] + 100, 5, strategy=strategy),
-               _reply(g.astype(np.float64) + 100, 5, strategy=strategy),
-               _reply(g + 100, 0, strategy=strategy),
-               _reply(g + 100, 5, strategy=strategy, extra={"indices": Array(np.arange(3, dtype=np.int32))})]
+    replies = [
+        _reply(good[0], 10, strategy=strategy),
+        _reply(good[1], 30, strategy=strategy),
+        _reply(nan, 5, strategy=strategy),
+        _reply(g + 100, 5, fingerprint="0" * 64, strategy=strategy),
+        _reply(g[:-1] + 100, 5, strategy=strategy),
+        _reply(g.astype(np.float64) + 100, 5, strategy=strategy),
+        _reply(g + 100, 0, strategy=strategy),
+        _reply(g + 100, 5, strategy=strategy, extra={"indices": Array(np.arange(3, dtype=np.int32))}),
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["values"].numpy(), g + 2.5, rtol=0, atol=1e-5)  # (10*1 + 30*3) / 40
     reasons = " | ".join(strategy.rejected[1])

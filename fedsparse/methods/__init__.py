@@ -1,4 +1,5 @@
 """One registry from method name to implementation; configs name methods, never classes."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig

@@ -4,6 +4,7 @@ A method owns a model and exposes its trainable state as one flat float32 vector
 `head_size` entries are the task head. Clients and server exchange that vector (encoded by
 `encode`/`decode`, identity except for top-k); nothing else of the model ever crosses the wire.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -78,12 +79,14 @@ class Method:
         tensors = self.state_tensors()
         expected = sum(t.numel() for t in tensors)
         if vector.ndim != 1 or vector.size != expected:
-            raise ValueError(f"{self.name}: packed vector has shape {vector.shape}, expected "
-                             f"({expected},). Client and server must use the same model and method config.")
+            raise ValueError(
+                f"{self.name}: packed vector has shape {vector.shape}, expected "
+                f"({expected},). Client and server must use the same model and method config."
+            )
         offset = 0
         flat = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
         for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
     # --- wire encoding (identity: the vector is the message) ---------------------------

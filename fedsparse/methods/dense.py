@@ -1,4 +1,5 @@
 """Dense baselines: `full` (every parameter) and `bitfit` (every bias + the head)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,7 @@ from fedsparse.model import head_parameter_names
 
 class Full(Method):
     """Plain FedAvg over the whole model."""
+
     name = "full"
 
     def __init__(self, model: PreTrainedModel, cfg: DictConfig):
@@ -29,6 +31,7 @@ class Full(Method):
 
 class BitFit(Full):
     """Ben Zaken et al. 2022: train only the bias terms (and the new head)."""
+
     name = "bitfit"
 
     def selects(self, name: str) -> bool:

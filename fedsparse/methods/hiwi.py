@@ -9,6 +9,7 @@ Two federated packings (`exchange`):
 - `merged`: only p' - p travels (m floats per target), which averages exactly; each round the
   client rebuilds the adapter on top of the received p' (fresh W_up = 0, seeded W_down).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -59,8 +60,10 @@ def ffn_sites(model: PreTrainedModel, target: str) -> list[tuple[str, nn.Module,
             if name.endswith(suffix) and ".attention." not in name and ".layer." in name:
                 sites.append((f"{name}.{attr}", module, attr))
     if not sites:
-        raise ValueError(f"{type(model).__name__} has no BERT-style FFN modules (*.intermediate.dense, "
-                         "*.output.dense) for HiWi: use another method or model.")
+        raise ValueError(
+            f"{type(model).__name__} has no BERT-style FFN modules (*.intermediate.dense, "
+            "*.output.dense) for HiWi: use another method or model."
+        )
     return sites
 
 
@@ -70,8 +73,10 @@ class HiWi(Method):
     def __init__(self, model: PreTrainedModel, cfg: DictConfig):
         super().__init__(model, cfg)
         if cfg.exchange not in EXCHANGES or cfg.activation not in ACTIVATIONS:
-            raise ValueError(f"hiwi.exchange must be one of {EXCHANGES} and hiwi.activation one of "
-                             f"{tuple(ACTIVATIONS)}; got {cfg.exchange}, {cfg.activation}.")
+            raise ValueError(
+                f"hiwi.exchange must be one of {EXCHANGES} and hiwi.activation one of "
+                f"{tuple(ACTIVATIONS)}; got {cfg.exchange}, {cfg.activation}."
+            )
         self.sites = ffn_sites(model, cfg.target)
         self.adapters: list[WeightAdapter] = []
         # the pre-trained parameters, kept to express the merged state as a delta

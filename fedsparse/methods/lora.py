@@ -1,4 +1,5 @@
 """LoRA baseline (Hu et al. 2022) through Hugging Face PEFT, merged to a plain model for inference."""
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,9 @@ class LoRA(Method):
     def __init__(self, model: PreTrainedModel, cfg: DictConfig):
         super().__init__(model, cfg)
         targets = [t.strip() for t in str(cfg.target_modules).split(",")]
-        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                            target_modules=targets)
+        config = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg.seed))  # same lora_A init in every process
             self.model = get_peft_model(model, config)

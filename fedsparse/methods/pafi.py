@@ -5,6 +5,7 @@ one and only the values at masked entries travel. Training scatters a small trai
 vector into the frozen weights (a parametrization), so the optimizer holds state only for the
 masked entries and every other weight stays bitwise equal to the checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,10 @@ def parse_groups(groups: str) -> list[str]:
     names = [g.strip() for g in str(groups).split(",") if g.strip()]
     unknown = sorted(set(names) - set(GROUPS))
     if unknown or not names:
-        raise ValueError(f"Unknown or empty mask groups {unknown or names}: choose a comma-separated "
-                         f"subset of {', '.join(GROUPS)} (default attention,ffn).")
+        raise ValueError(
+            f"Unknown or empty mask groups {unknown or names}: choose a comma-separated "
+            f"subset of {', '.join(GROUPS)} (default attention,ffn)."
+        )
     return names
 
 
@@ -98,12 +101,20 @@ class Mask:
         return sum(i.numel() for i in self.indices)
 
 
-def compute_mask(model: PreTrainedModel, density: float = 0.005, scope: str = "global",
-                 select: str = "smallest", groups: str = "attention,ffn", seed: int = 0) -> Mask:
+def compute_mask(
+    model: PreTrainedModel,
+    density: float = 0.005,
+    scope: str = "global",
+    select: str = "smallest",
+    groups: str = "attention,ffn",
+    seed: int = 0,
+) -> Mask:
     """The data-free PaFi mask. Identical on every machine that holds the same checkpoint."""
     if scope not in SCOPES or select not in SELECTS:
-        raise ValueError(f"pafi.scope must be one of {SCOPES} and pafi.select one of {SELECTS}; "
-                         f"got scope={scope}, select={select}.")
+        raise ValueError(
+            f"pafi.scope must be one of {SCOPES} and pafi.select one of {SELECTS}; "
+            f"got scope={scope}, select={select}."
+        )
     named = candidate_parameters(model, groups)
     tensors = [p for _, p in named]
     if scope == "global":
@@ -115,9 +126,18 @@ def compute_mask(model: PreTrainedModel, density: float = 0.005, scope: str = "g
         indices = [select_entries([t], density, select, seed + i) for i, t in enumerate(tensors)]
     names = [n for n, _ in named]
     shapes = [tuple(t.shape) for t in tensors]
-    digest = hashlib.sha256(json.dumps(
-        {"names": names, "shapes": shapes, "density": density, "scope": scope, "select": select,
-         "seed": seed if select == "random" else None}).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "names": names,
+                "shapes": shapes,
+                "density": density,
+                "scope": scope,
+                "select": select,
+                "seed": seed if select == "random" else None,
+            }
+        ).encode()
+    )
     for idx, t in zip(indices, tensors):
         digest.update(idx.numpy().astype("<i8").tobytes())
         # the frozen weights themselves: a client on another checkpoint must refuse to train

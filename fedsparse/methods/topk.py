@@ -6,6 +6,7 @@ Supports differ between clients, so the server reconstructs every reply on top o
 state and averages over the union of supports (absent entries count as unchanged). The
 downlink carries the global state's changed entries relative to the checkpoint, with indices.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +46,8 @@ class TopK(Method):
             index = np.flatnonzero(body != self.initial_state()[: self.body_size])
         else:
             change = np.abs(body - reference[: self.body_size])
-            index = np.sort(np.argpartition(change, -self.k)[-self.k:])
-        values = np.concatenate([body[index], vector[self.body_size:]]).astype(np.float32)
+            index = np.sort(np.argpartition(change, -self.k)[-self.k :])
+        values = np.concatenate([body[index], vector[self.body_size :]]).astype(np.float32)
         return {"values": values, "indices": index.astype(np.int32)}
 
     def decode(self, arrays: dict[str, np.ndarray], reference: np.ndarray | None = None) -> np.ndarray:
@@ -55,9 +56,11 @@ class TopK(Method):
         if index.size and (index.min() < 0 or index.max() >= self.body_size):
             raise ValueError(f"top-k indices out of range [0, {self.body_size}).")
         if values.size != index.size + self.head_size:
-            raise ValueError(f"top-k payload has {values.size} values for {index.size} indices "
-                             f"+ {self.head_size} head entries.")
+            raise ValueError(
+                f"top-k payload has {values.size} values for {index.size} indices "
+                f"+ {self.head_size} head entries."
+            )
         out = (self.initial_state() if reference is None else reference).copy()
         out[index.astype(np.int64)] = values[: index.size]
-        out[self.body_size:] = values[index.size:]
+        out[self.body_size :] = values[index.size :]
         return out
