@@ -1,11 +1,26 @@
-"""Tables and plots from run directories: `python -m fedsparse.report RUN_DIR [RUN_DIR ...]`."""
+"""Tables from run directories; the group tables, plots and README blocks are in readme_blocks.
+
+    python -m fedsparse.report RUN_DIR [RUN_DIR ...] [--out DIR]   # per-run table, grouped tables, plots
+    python -m fedsparse.report --readme README.md [--check]        # regenerate / verify README report blocks
+
+Runs that differ only in their seed form one group, reported as mean ± std over its seeds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from fedsparse.metrics import main_metric
 from fedsparse.results import read_run
+
+# Config keys that do not make two runs different experiments (nor does any key named `seed`).
+IGNORED_KEYS = {"run_name", "output_dir", "data.glue_dir", "federation.ray_address", "federation.client_cpus"}
 
 
 def human_bytes(n: float) -> str:
@@ -48,147 +63,206 @@ def format_comm_table(history: list[dict]) -> str:
         down, up = rec["comm"]["down"], rec["comm"]["up"]
         n = max(up["messages"], 1)
         rows.append(
-            [
-                rec["round"],
-                len(rec["comm"]["clients"]),
-                human_bytes(down["per_client"]),
-                human_bytes(up["per_client"]),
-                human_bytes(up["values"] / n),
-                human_bytes(up["head"] / n),
-                human_bytes(up["indices"] / n),
-                human_bytes(up["overhead"] / n),
-                human_bytes(rec["cumulative_bytes"]),
-                f"{100 * rec['ratio_to_full']:.3g}%",
-            ]
+            [rec["round"], len(rec["comm"]["clients"])]
+            + [human_bytes(down["per_client"]), human_bytes(up["per_client"])]
+            + [human_bytes(up[k] / n) for k in ("values", "head", "indices", "overhead")]
+            + [human_bytes(rec["cumulative_bytes"]), f"{100 * rec['ratio_to_full']:.3g}%"]
         )
-    header = [
-        "round",
-        "clients",
-        "down/client",
-        "up/client",
-        "up values",
-        "up head",
-        "up indices",
-        "up overhead",
-        "cumulative",
-        "up vs full",
-    ]
+    header = ["round", "clients", "down/client", "up/client", "up values", "up head", "up indices"]
+    header += ["up overhead", "cumulative", "up vs full"]
     return "Communication (bytes measured on the serialized Flower messages)\n" + _table(header, rows)
 
 
-def compare_runs(run_dirs: list[str | Path]) -> tuple[str, list[dict]]:
-    """A comparison table of several runs (one line per run) and the loaded runs."""
-    runs, rows = [], []
-    for d in run_dirs:
+def load_runs(run_dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
+    """The finished runs as {dir, config, rounds, summary}, and the unfinished ones (a config.yaml but
+    no summary.json yet); raises for a directory that holds no run."""
+    runs, unfinished = [], []
+    for d in map(Path, run_dirs):
+        if (d / "config.yaml").exists() and not (d / "summary.json").exists():
+            unfinished.append(d)
+            continue
         config, rounds, summary = read_run(d)
         runs.append({"dir": str(d), "config": config, "rounds": rounds, "summary": summary})
-        metric = summary.get("metric")
+    return runs, unfinished
+
+
+def final_metric(summary: dict, metric: str) -> float:
+    """The dev metric at the end of a run (`final` for federated runs, `dev` for central ones)."""
+    return summary["final" if "final" in summary else "dev"][metric]
+
+
+def run_table(runs: list[dict]) -> str:
+    """One line per run: payload size, bytes per client and round, total, final metric, wall time."""
+    rows = []
+    for run in runs:
+        summary = run["summary"]
+        metric = summary.get("metric") or main_metric(summary["task"])
+        full = summary.get("full_model_message_bytes")
         rows.append(
             [
-                summary["method"] + _variant(config),
+                summary["method"] + _variant(run["config"]),
                 summary["task"],
                 f"{summary.get('values_per_message', summary.get('trainable_values')):,}",
                 human_bytes(summary.get("mean_up_per_client", 0)),
                 human_bytes(summary.get("mean_down_per_client", 0)),
                 human_bytes(summary.get("bytes_down", 0) + summary.get("bytes_up", 0)),
-                f"{100 * summary.get('mean_up_per_client', 0) / summary['full_model_message_bytes']:.3g}%"
-                if summary.get("full_model_message_bytes")
-                else "-",
-                f"{summary['final'][metric]:.4f}" if metric else f"{summary['dev']}",
+                f"{100 * summary.get('mean_up_per_client', 0) / full:.3g}%" if full else "-",
+                f"{final_metric(summary, metric):.4f}",
                 f"{summary.get('wall_seconds', summary.get('train_seconds', 0)):.0f}s",
             ]
         )
-    header = [
-        "method",
-        "task",
-        "values/msg",
-        "up/client/round",
-        "down/client/round",
-        "total",
-        "up vs full",
-        "final metric",
-        "wall",
-    ]
-    return _table(header, rows), runs
+    header = ["method", "task", "values/msg", "up/client/round", "down/client/round", "total"]
+    return _table(header + ["up vs full", "final metric", "wall"], rows)
+
+
+def compare_runs(run_dirs: list[str | Path]) -> tuple[str, list[dict]]:
+    """run_table of the finished runs among `run_dirs`, and those runs."""
+    runs, _ = load_runs(run_dirs)
+    return run_table(runs), runs
 
 
 def _variant(config: dict) -> str:
-    method = config["method"]
+    """What tells runs of one method apart: HiWi's exchange, PaFi's selection, density, index encoding."""
+    method, parts = config["method"], []
     if method["name"] == "hiwi":
-        return f"[{method['exchange']}]"
-    if method["name"] == "pafi" and method["select"] != "smallest":
-        return f"[{method['select']}]"
-    return ""
+        parts.append(method["exchange"])
+    if method["name"] == "pafi" and method.get("select", "smallest") != "smallest":
+        parts.append(method["select"])
+    if method["name"] in ("pafi", "topk") and method.get("density", 0.005) != 0.005:
+        parts.append(f"d={method['density']:g}")
+    if method["name"] == "topk" and method.get("index_encoding", "int32") != "int32":
+        parts.append(method["index_encoding"])
+    return f"[{','.join(parts)}]" if parts else ""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """{dotted key: value} of a config, lists as tuples, without seeds and IGNORED_KEYS."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif f"{prefix}{k}" not in IGNORED_KEYS and k != "seed":
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _look(config: dict) -> tuple:
+    """What a group is labelled by: method variant, task, lr, Dirichlet alpha."""
+    lr = config.get("train", {}).get("lr", config["method"].get("lr", 0.0))
+    name = (
+        config["method"]["name"] + _variant(config) + (" central" if config.get("mode") == "central" else "")
+    )
+    return name, config["task"]["name"], float(lr), config.get("federation", {}).get("alpha")
+
+
+@dataclass
+class Group:
+    """Runs that differ only in their seed."""
+
+    method: str  # method and variant, e.g. hiwi[merged], plus any other setting that tells groups apart
+    task: str
+    lr: float
+    alpha: float | None
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return self.runs[0]["summary"].get("metric") or main_metric(self.task)
+
+
+def group_runs(runs: list[dict]) -> list[Group]:
+    """Group runs whose configs are equal but for seeds and paths; sorted by task, method, lr, alpha."""
+    by_config: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_config[tuple(sorted(_flatten(run["config"]).items()))].append(run)
+    looks = {key: _look(members[0]["config"]) for key, members in by_config.items()}
+    groups = []
+    for key, members in by_config.items():
+        method, task, lr, alpha = looks[key]
+        # Groups that would share a label get the settings that differ among them appended.
+        twins = [set(k) for k in by_config if k != key and looks[k] == looks[key]]
+        mine = dict(key)
+        for name in sorted({name for twin in twins for name, _ in twin ^ set(key)}):
+            method += f" {name}={mine.get(name, '-')}"
+        members.sort(key=lambda r: (r["config"].get("seed", 0), r["dir"]))
+        groups.append(Group(method, task, lr, alpha, members))
+    return sorted(groups, key=lambda g: (g.task, g.method, g.lr, -1 if g.alpha is None else g.alpha))
+
+
+def series(run: dict, metric: str) -> dict[str, np.ndarray]:
+    """Per round: dev metric, cumulative bytes up and down (all clients, client-side evaluation
+    included) and uplink bytes per client."""
+    rounds = run["rounds"]
+
+    def cumulative(*directions: str) -> np.ndarray:
+        return np.cumsum([sum(r["comm"].get(d, {}).get("bytes", 0) for d in directions) for r in rounds])
+
+    return {
+        "round": np.array([r["round"] for r in rounds]),
+        "metric": np.array([r["dev"][metric] for r in rounds]),
+        "up": cumulative("up", "eval_up"),
+        "down": cumulative("down", "eval_down"),
+        "up_per_client": np.array([r["comm"]["up"]["per_client"] for r in rounds]),
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for a single value) and count."""
+    x = np.asarray(values, dtype=float)
+    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0, len(x)
+
+
+def bytes_to_target(group: Group, target: float) -> dict:
+    """Rounds and cumulative bytes until the dev metric first reaches `target`, mean over the seeds
+    that reach it: {reached, seeds[, round, up, down, total]}."""
+    hits = []
+    for run in group.runs:
+        s = series(run, group.metric)
+        first = np.flatnonzero(s["metric"] >= target)
+        if len(first):
+            hits.append([s[k][first[0]] for k in ("round", "up", "down")])
+    out = {"reached": len(hits), "seeds": len(group.runs)}
+    if hits:
+        rounds, up, down = np.mean(hits, axis=0)
+        out.update(round=float(rounds), up=float(up), down=float(down), total=float(up + down))
+    return out
 
 
 def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
-    """bytes_per_round.png (uplink per client per round) and metric_vs_bytes.png."""
-    import matplotlib
+    """bytes_per_round.png (uplink per client per round) and metric_vs_bytes.png of finished runs."""
+    from fedsparse.readme_blocks import plot_groups
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    return plot_groups(group_runs(runs), out_dir, kinds=("bytes_per_round", "metric_vs_bytes"))
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fed = [r for r in runs if r["rounds"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in fed:
-        label = r["summary"]["method"] + _variant(r["config"])
-        rounds = r["rounds"][1:]
-        ax.plot(
-            [x["round"] for x in rounds],
-            [x["comm"]["up"]["per_client"] for x in rounds],
-            marker="o",
-            label=label,
-        )
-    ax.set(
-        yscale="log",
-        xlabel="round",
-        ylabel="uplink bytes per client",
-        title="Measured uplink per client per round",
+
+def main(argv: list[str] | None = None) -> int:
+    from fedsparse.readme_blocks import DEFAULT_TARGETS, experiment_tables, plot_groups, update_readme
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    bytes_png = out_dir / "bytes_per_round.png"
-    fig.savefig(bytes_png, dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in fed:
-        metric = r["summary"]["metric"]
-        label = r["summary"]["method"] + _variant(r["config"])
-        ax.plot(
-            [x["cumulative_bytes"] / 1e6 for x in r["rounds"]],
-            [x["dev"][metric] for x in r["rounds"]],
-            marker="o",
-            label=label,
-        )
-    ax.set(
-        xscale="symlog",
-        xlabel="cumulative MB (down + up, all clients)",
-        ylabel=f"dev {fed[0]['summary']['metric'] if fed else ''}",
-        title="Dev metric vs communication",
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    metric_png = out_dir / "metric_vs_bytes.png"
-    fig.savefig(metric_png, dpi=120)
-    plt.close(fig)
-    return [bytes_png, metric_png]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("runs", nargs="+", help="run directories (each with summary.json)")
+    parser.add_argument("runs", nargs="*", help="run directories (config.yaml, rounds.jsonl, summary.json)")
     parser.add_argument("--out", default=None, help="where to write the plots (default: first run dir)")
+    parser.add_argument(
+        "--readme", default=None, help="regenerate the <!-- report:NAME --> blocks of this file"
+    )
+    parser.add_argument("--results", default=None, help="default: experiments/results beside the README")
+    parser.add_argument("--check", action="store_true", help="with --readme: write nothing, exit 1 if stale")
+    parser.add_argument(
+        "--targets", type=float, nargs="+", help=f"dev-metric targets (default {DEFAULT_TARGETS})"
+    )
     args = parser.parse_args(argv)
-    table, runs = compare_runs(args.runs)
-    print(table)
-    for path in plot_runs(runs, args.out or args.runs[0]):
+    if args.readme:
+        return update_readme(args.readme, args.results, check=args.check, targets=args.targets)
+    if not args.runs:
+        parser.error("give run directories, or --readme README.md")
+    runs, unfinished = load_runs(args.runs)
+    groups = group_runs(runs)
+    print(run_table(runs) + "\n\n" + experiment_tables(groups, unfinished, args.targets or DEFAULT_TARGETS))
+    for path in plot_groups(groups, args.out or args.runs[0]) if runs else []:
         print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Reports over groups of seeds (markdown tables, plots) and the README blocks made of them.
+
+A block is the lines between `<!-- report:NAME -->` and `<!-- /report:NAME -->`; its content is made
+from the runs in `experiments/results/NAME/`: a table per group of seeds, a bytes-to-target table
+and links to the plots. The opening line may set targets: `<!-- report:NAME targets=0.6,0.7 -->`.
+`python -m fedsparse.report --readme README.md` rewrites the blocks (and the plots); `--check`
+writes nothing and exits 1 with a diff when a block differs from what the files give.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fedsparse.report import (
+    Group,
+    bytes_to_target,
+    final_metric,
+    group_runs,
+    human_bytes,
+    load_runs,
+    mean_std,
+    series,
+)
+
+DEFAULT_TARGETS = (0.80, 0.85)
+PLOT_KINDS = ("metric_vs_bytes", "bytes_per_round", "metric_vs_round")
+PLOT_PREFIX = "report_"
+PLOT_TITLES = {
+    "metric_vs_bytes": "dev metric vs cumulative bytes",
+    "bytes_per_round": "uplink bytes per client per round",
+    "metric_vs_round": "dev metric per round",
+}
+BLOCK = re.compile(
+    r"^<!-- report:(?P<name>[\w.-]+)(?P<opts>[^\n]*?) -->\n(?P<body>.*?)^<!-- /report:(?P=name) -->$",
+    re.M | re.S,
+)
+OPENING = re.compile(r"^<!-- report:", re.M)
+
+
+def _md(header: list[str], rows: list[list[str]], left: int) -> str:
+    """A markdown table; the first `left` columns are left-aligned, the others right-aligned."""
+    align = ["---"] * left + ["---:"] * (len(header) - left)
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
+
+
+def _cell(values: list[float], fmt: Callable[[float], str] = "{:.4f}".format, spread: bool = True) -> str:
+    """`mean ± std` over seeds (the mean alone for one seed or `spread=False`); `-` for no values."""
+    if not values:
+        return "-"
+    mean, std, n = mean_std(values)
+    return fmt(mean) + (f" ± {fmt(std)}" if spread and n > 1 else "")
+
+
+def id_columns(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells naming each group: method, task and alpha (where they vary in the set), lr."""
+    header, cols = ["method"], [[g.method for g in groups]]
+    for name, values in (("task", [g.task for g in groups]), ("alpha", [g.alpha for g in groups])):
+        if len(set(values)) > 1:
+            header.append(name)
+            cols.append([v if name == "task" else "-" if v is None else f"{v:g}" for v in values])
+    header.append("lr")
+    cols.append([f"{g.lr:g}" for g in groups])
+    return header, [list(row) for row in zip(*cols)]
+
+
+def _metric_name(groups: list[Group]) -> str:
+    metrics = {g.metric for g in groups}
+    return metrics.pop() if len(metrics) == 1 else "metric"
+
+
+def _present(summaries: list[dict], key: str) -> list[float]:
+    return [s[key] for s in summaries if s.get(key) is not None]
+
+
+def group_table(groups: list[Group]) -> str:
+    """Per group: seeds, final and best dev metric (mean ± std), mean bytes per client and round,
+    mean total bytes (all clients and rounds), rounds."""
+    header, rows = id_columns(groups)
+    metric = _metric_name(groups)
+    for g, row in zip(groups, rows):
+        summaries = [r["summary"] for r in g.runs]
+        fed = [series(r, g.metric) for r in g.runs if r["rounds"]]
+        row += [
+            str(len(g.runs)),
+            _cell([final_metric(s, g.metric) for s in summaries]),
+            _cell(_present(summaries, "best")),
+        ]
+        row += [
+            _cell(_present(summaries, k), human_bytes, False)
+            for k in ("mean_up_per_client", "mean_down_per_client")
+        ]
+        row += [_cell([s["up"][-1] + s["down"][-1] for s in fed], human_bytes, False)]
+        row += [_cell(_present(summaries, "rounds"), "{:.0f}".format, False)]
+    header += ["seeds", f"final {metric}", f"best {metric}", "up/client/round", "down/client/round"]
+    return _md(header + ["total bytes", "rounds"], rows, left=1)
+
+
+def target_table(groups: list[Group], targets: Sequence[float]) -> str:
+    """Per group and target: seeds that reached it, mean rounds and cumulative bytes up/down/total."""
+    groups = [g for g in groups if any(r["rounds"] for r in g.runs)]
+    header, ids = id_columns(groups)
+    rows = []
+    for g, row in zip(groups, ids):
+        for target in targets:
+            t = bytes_to_target(g, target)
+            seeds = f"{t['reached']}/{t['seeds']} seeds"
+            if not t["reached"]:
+                rows.append(row + [f"{target:g}", f"not reached ({seeds})", "-", "-", "-", "-"])
+                continue
+            rows.append(
+                row
+                + [f"{target:g}", seeds, f"{t['round']:.1f}"]
+                + [human_bytes(t[k]) for k in ("up", "down", "total")]
+            )
+    return _md(
+        header + ["target", "reached", "rounds", "bytes up", "bytes down", "bytes total"], rows, left=1
+    )
+
+
+def experiment_tables(groups: list[Group], unfinished: list[Path], targets: Sequence[float]) -> str:
+    """The group table, the bytes-to-target table and the unfinished runs, as markdown."""
+    metric = _metric_name(groups)
+    parts = [
+        "Mean ± sample standard deviation over seeds (no ± with one seed); bytes are the serialized "
+        "Flower messages, per client and round, and in total over all clients and rounds.",
+        group_table(groups),
+        f"Cumulative bytes over all clients (down + up, client-side evaluation included) until the dev "
+        f"{metric} first reaches each target; rounds and bytes are means over the seeds that reach it.",
+        target_table(groups, targets),
+    ]
+    if unfinished:
+        parts.append("Unfinished (no summary.json): " + ", ".join(f"`{d.name}`" for d in sorted(unfinished)))
+    return "\n\n".join(parts)
+
+
+def plot_groups(
+    groups: list[Group], out_dir: str | Path, kinds: tuple[str, ...] = PLOT_KINDS, prefix: str = ""
+) -> list[Path]:
+    """`<prefix><kind>.png` per kind: per group, the mean over seeds and a min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header, ids = id_columns(groups)
+    labels = [", ".join([row[0]] + [f"{h}={v}" for h, v in zip(header[1:], row[1:])]) for row in ids]
+    ylabel = "dev " + "/".join(sorted({g.metric for g in groups}))
+    axes = {
+        "metric_vs_bytes": (
+            "cumulative bytes (down + up, all clients)",
+            ylabel,
+            "Dev metric vs communication",
+        ),
+        "bytes_per_round": ("round", "uplink bytes per client", "Measured uplink per client per round"),
+        "metric_vs_round": ("round", ylabel, "Dev metric per round"),
+    }
+    paths = []
+    for kind in kinds:
+        fig, ax = plt.subplots(figsize=(7.5, 3.6))
+        for g, label in zip(groups, labels):
+            runs = [series(r, g.metric) for r in g.runs if r["rounds"]]
+            if not runs:
+                continue
+            n = min(len(s["round"]) for s in runs)
+            y = np.array([s["up_per_client" if kind == "bytes_per_round" else "metric"][:n] for s in runs])
+            x = runs[0]["round"][:n].astype(float)
+            if kind == "metric_vs_bytes":
+                x = np.mean([s["up"][:n] + s["down"][:n] for s in runs], axis=0)
+            keep = x > 0 if kind != "metric_vs_round" else x >= 0  # no zero on a log axis, no round 0 upload
+            (line,) = ax.plot(x[keep], y.mean(axis=0)[keep], marker="o", ms=3, label=label)
+            ax.fill_between(
+                x[keep], y.min(axis=0)[keep], y.max(axis=0)[keep], color=line.get_color(), alpha=0.2
+            )
+        ax.set(xlabel=axes[kind][0], ylabel=axes[kind][1], title=axes[kind][2])
+        if kind == "metric_vs_bytes":
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if kind == "bytes_per_round":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        paths.append(out_dir / f"{prefix}{kind}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def run_dirs(experiment: Path) -> list[Path]:
+    """Sub-directories of an experiment that hold a run (a config.yaml), sorted."""
+    return (
+        sorted(p for p in experiment.iterdir() if (p / "config.yaml").exists()) if experiment.is_dir() else []
+    )
+
+
+def render_block(experiment: Path, readme_dir: Path, targets: Sequence[float], write_plots: bool) -> str:
+    """A block's content for one experiment directory; writes its plots if asked."""
+    runs, unfinished = load_runs(run_dirs(experiment))
+    groups = group_runs(runs)
+    rel = Path(os.path.relpath(experiment, readme_dir)).as_posix()
+    text = (
+        f"_Generated by `python -m fedsparse.report --readme` from `{rel}/` ({len(runs)} runs); do not edit._"
+    )
+    text += "\n\n" + experiment_tables(groups, unfinished, targets)
+    fed = [g for g in groups if any(r["rounds"] for r in g.runs)]
+    if fed:
+        if write_plots:
+            plot_groups(fed, experiment, prefix=PLOT_PREFIX)
+        images = [f"![{PLOT_TITLES[k]}]({rel}/{PLOT_PREFIX}{k}.png)" for k in PLOT_KINDS]
+        text += "\n\nPlots: mean over seeds, shaded from the lowest to the highest seed.\n\n" + "\n".join(
+            images
+        )
+    return text
+
+
+def _targets(opts: str, default: Sequence[float]) -> Sequence[float]:
+    options = dict(kv.split("=", 1) for kv in opts.split())
+    if set(options) - {"targets"}:
+        raise ValueError(f"unknown report block option(s): {', '.join(set(options) - {'targets'})}")
+    return [float(t) for t in options["targets"].split(",")] if "targets" in options else default
+
+
+def update_readme(
+    readme: str | Path,
+    results: str | Path | None = None,
+    check: bool = False,
+    targets: Sequence[float] | None = None,
+) -> int:
+    """Regenerate (or with `check`, compare) every report block; 0 if all blocks are (now) up to date."""
+    readme = Path(readme)
+    results = Path(results) if results else readme.parent / "experiments" / "results"
+    text, problems, names = readme.read_text(), [], []
+
+    def render(m: re.Match) -> str:
+        experiment = results / m["name"]
+        names.append(m["name"])
+        if not run_dirs(experiment):
+            problems.append(f"block {m['name']}: no runs under {experiment}")
+            return m[0]
+        body = render_block(
+            experiment, readme.parent, _targets(m["opts"], targets or DEFAULT_TARGETS), not check
+        )
+        for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body):
+            if not (readme.parent / image).exists():
+                problems.append(f"block {m['name']}: missing {image} (run without --check to draw it)")
+        return f"<!-- report:{m['name']}{m['opts']} -->\n{body}\n<!-- /report:{m['name']} -->"
+
+    new = BLOCK.sub(render, text)
+    if len(OPENING.findall(text)) != len(names):
+        problems.append(
+            f"{len(OPENING.findall(text)) - len(names)} report block(s) without a matching closing line"
+        )
+    if new != text and check:
+        diff = difflib.unified_diff(
+            text.splitlines(True), new.splitlines(True), str(readme), "from the result files"
+        )
+        print("".join(diff), end="")
+        problems.append(f"{readme} is stale: run python -m fedsparse.report --readme {readme}")
+    elif new != text:
+        readme.write_text(new)
+    for p in problems:
+        print(p)
+    print(f"{len(names)} report block(s) {'checked' if check else 'written'}: {', '.join(names) or '-'}")
+    return 1 if problems else 0

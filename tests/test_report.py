@@ -1,0 +1,233 @@
+"""Reports over seeds and the generated README blocks, on small hand-written run directories."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from fedsparse.readme_blocks import group_table, plot_groups, target_table, update_readme
+from fedsparse.report import bytes_to_target, group_runs, load_runs, main, mean_std
+
+REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# Dev accuracy per round (round 0 = initial state) for each seed of each method.
+CURVES = {
+    "pafi": [[0.50, 0.81, 0.79, 0.80], [0.50, 0.70, 0.82, 0.82], [0.50, 0.60, 0.70, 0.84]],
+    "hiwi": [[0.50, 0.55, 0.60, 0.61], [0.50, 0.52, 0.58, 0.65], [0.50, 0.60, 0.86, 0.63]],
+}
+UP, DOWN = 100, 200  # training bytes per client per round; client-side evaluation adds a tenth
+CLIENTS = 2
+
+
+def direction(per_client: float, messages: int) -> dict:
+    total = int(per_client * messages)
+    return {"messages": messages, "bytes": total, "per_client": float(per_client if messages else 0)}
+
+
+def write_run(root: Path, method: str, seed: int, curve: list[float], finished: bool = True, **method_cfg):
+    """One run directory like the server writes it, with known numbers: seed s sends (s + 1) x the bytes."""
+    name = f"{method}-s{seed}"
+    path = root / name
+    path.mkdir(parents=True)
+    extra = {"exchange": "merged"} if method == "hiwi" else {"select": "smallest", "density": 0.005}
+    config = {
+        "seed": seed,
+        "run_name": name,
+        "output_dir": str(root),
+        "method": {"name": method, "lr": 0.01, "seed": 0, **extra, **method_cfg},
+        "task": {"name": "sst2"},
+        "federation": {"alpha": 1.0, "strategy": "fedavg", "rounds": len(curve) - 1, "clients_per_round": 2},
+        "train": {"lr": 0.01, "local_steps": 5},
+    }
+    OmegaConf.save(OmegaConf.create(config), path / "config.yaml")
+    scale = seed + 1
+    rounds, cumulative = [], 0
+    for r, acc in enumerate(curve):
+        n = CLIENTS if r else 0
+        comm = {
+            "down": direction(DOWN * scale, n),
+            "up": direction(UP * scale, n),
+            "eval_down": direction(DOWN * scale / 10, n),
+            "eval_up": direction(UP * scale / 10, n),
+            "clients": list(range(n)),
+        }
+        comm["total_bytes"] = sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
+        cumulative += comm["total_bytes"]
+        record = {"round": r, "dev": {"accuracy": acc, "loss": 1 - acc}, "comm": comm}
+        rounds.append(record | {"cumulative_bytes": cumulative, "ratio_to_full": 0.01, "wall_seconds": r})
+    (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    if finished:
+        summary = {
+            "method": method,
+            "task": "sst2",
+            "metric": "accuracy",
+            "rounds": len(curve) - 1,
+            "final": {"accuracy": curve[-1], "loss": 1 - curve[-1]},
+            "best": max(curve[1:]),
+            "values_per_message": 1000,
+            "mean_up_per_client": float(UP * scale),
+            "mean_down_per_client": float(DOWN * scale),
+            "bytes_up": int(1.1 * UP * scale * CLIENTS * (len(curve) - 1)),
+            "bytes_down": int(1.1 * DOWN * scale * CLIENTS * (len(curve) - 1)),
+            "full_model_message_bytes": 100_000,
+            "wall_seconds": 10.0,
+        }
+        (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+@pytest.fixture
+def experiment(tmp_path) -> Path:
+    """tmp/experiments/results/exp: 2 methods x 3 seeds."""
+    root = tmp_path / "experiments" / "results" / "exp"
+    for method, curves in CURVES.items():
+        for seed, curve in enumerate(curves):
+            write_run(root, method, seed, curve)
+    return root
+
+
+def groups_of(experiment: Path):
+    runs, unfinished = load_runs(sorted(experiment.iterdir()))
+    assert unfinished == []
+    return group_runs(runs)
+
+
+def test_runs_differing_only_in_seed_form_one_group_with_mean_and_std(experiment):
+    groups = groups_of(experiment)
+    assert [(g.method, g.lr, len(g.runs)) for g in groups] == [("hiwi[merged]", 0.01, 3), ("pafi", 0.01, 3)]
+    mean, std, n = mean_std([0.80, 0.82, 0.84])
+    assert (mean, std, n) == (pytest.approx(0.82), pytest.approx(0.02), 3)
+    table = group_table(groups)
+    # pafi: final 0.80/0.82/0.84, best 0.81/0.82/0.84; 3 rounds of 2 clients at (s+1) x (100+200+10+20) B
+    assert "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 | 0.8233 ± 0.0153 | 200 B | 400 B | 4.0 KB | 3 |" in table
+    assert "| hiwi[merged] | 0.01 | 3 | 0.6300 ± 0.0200 | 0.7067 ± 0.1343 |" in table
+
+
+def test_a_group_label_shows_what_else_differs(tmp_path):
+    write_run(tmp_path, "pafi", 0, [0.5, 0.6], select="random")
+    write_run(tmp_path, "pafi", 1, [0.5, 0.6], density=0.01, scope="global")
+    write_run(tmp_path, "pafi", 2, [0.5, 0.6], density=0.01, scope="per_tensor")
+    write_run(tmp_path, "topk", 0, [0.5, 0.6], index_encoding="varint")
+    write_run(tmp_path, "topk", 1, [0.5, 0.6], index_encoding="int32")
+    labels = [g.method for g in group_runs(load_runs(sorted(tmp_path.iterdir()))[0])]
+    assert labels == [
+        "pafi[d=0.01] method.scope=global",
+        "pafi[d=0.01] method.scope=per_tensor",
+        "pafi[random]",
+        "topk",
+        "topk[varint]",
+    ]
+
+
+def test_bytes_to_target_takes_the_first_round_reaching_it(experiment):
+    pafi = groups_of(experiment)[1]
+    # 0.80 is first reached in round 1, 2, 3 by seeds 0, 1, 2 (seed 0 drops below it later);
+    # cumulative uplink after round r of seed s: r x 2 clients x 110 B x (s + 1)
+    up = [1 * 220 * 1, 2 * 220 * 2, 3 * 220 * 3]
+    t = bytes_to_target(pafi, 0.80)
+    assert (t["reached"], t["seeds"], t["round"]) == (3, 3, 2.0)
+    assert t["up"] == pytest.approx(sum(up) / 3) and t["down"] == pytest.approx(2 * sum(up) / 3)
+    assert t["total"] == pytest.approx(sum(up))
+    t = bytes_to_target(pafi, 0.83)  # only seed 2, in round 3
+    assert (t["reached"], t["round"], t["up"], t["down"]) == (1, 3.0, 1980, 3960)
+    assert bytes_to_target(pafi, 0.9) == {"reached": 0, "seeds": 3}
+
+
+def test_target_table_reports_partial_and_not_reached(experiment):
+    table = target_table(groups_of(experiment), [0.80, 0.85])
+    assert "| pafi | 0.01 | 0.8 | 3/3 seeds | 2.0 | 1.0 KB | 2.1 KB | 3.1 KB |" in table
+    assert "| pafi | 0.01 | 0.85 | not reached (0/3 seeds) | - | - | - | - |" in table
+    assert "| hiwi[merged] | 0.01 | 0.8 | 1/3 seeds | 2.0 | 1.3 KB | 2.6 KB | 4.0 KB |" in table
+
+
+def test_plots_are_written(experiment, tmp_path):
+    paths = plot_groups(groups_of(experiment), tmp_path / "plots", prefix="x_")
+    assert [p.name for p in paths] == [
+        "x_metric_vs_bytes.png",
+        "x_bytes_per_round.png",
+        "x_metric_vs_round.png",
+    ]
+    for p in paths:
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5_000
+
+
+def test_cli_on_run_directories_lists_unfinished_runs(experiment, tmp_path, capsys):
+    unfinished = write_run(experiment, "pafi", 7, [0.5, 0.6], finished=False)
+    assert main([*map(str, sorted(experiment.iterdir())), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "hiwi[merged]" in out and "0.8200 ± 0.0200" in out
+    assert f"Unfinished (no summary.json): `{unfinished.name}`" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "bytes_per_round.png",
+        "metric_vs_bytes.png",
+        "metric_vs_round.png",
+    ]
+
+
+def readme_with_block(experiment: Path, opening: str = "<!-- report:exp -->") -> Path:
+    readme = experiment.parents[2] / "README.md"
+    readme.write_text(
+        f"# Title\n\nhand-written text\n\n{opening}\nstale\n<!-- /report:exp -->\n\nmore text\n"
+    )
+    return readme
+
+
+def test_readme_blocks_are_regenerated_then_checked(experiment, capsys):
+    readme = readme_with_block(experiment)
+    assert main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nhand-written text\n\n<!-- report:exp -->\n_Generated")
+    assert text.endswith("<!-- /report:exp -->\n\nmore text\n") and "stale" not in text
+    assert "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 |" in text and "| pafi | 0.01 | 0.8 | 3/3 seeds |" in text
+    for kind in ("metric_vs_bytes", "bytes_per_round", "metric_vs_round"):
+        assert f"(experiments/results/exp/report_{kind}.png)" in text
+        assert (experiment / f"report_{kind}.png").read_bytes()[:8] == PNG
+    assert main(["--readme", str(readme), "--check"]) == 0
+    assert main(["--readme", str(readme)]) == 0 and readme.read_text() == text  # deterministic
+    assert "1 report block(s) checked: exp" in capsys.readouterr().out
+
+
+def test_check_fails_with_a_diff_after_a_block_is_edited(experiment, capsys):
+    readme = readme_with_block(experiment)
+    main(["--readme", str(readme)])
+    edited = readme.read_text().replace("0.8200 ± 0.0200", "0.9000 ± 0.0200")
+    readme.write_text(edited)
+    capsys.readouterr()
+    assert main(["--readme", str(readme), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "-| pafi | 0.01 | 3 | 0.9000 ± 0.0200" in out and "+| pafi | 0.01 | 3 | 0.8200 ± 0.0200" in out
+    assert readme.read_text() == edited  # --check writes nothing
+
+
+def test_check_fails_for_a_block_without_runs_or_plots(experiment, capsys):
+    readme = readme_with_block(experiment)
+    main(["--readme", str(readme)])
+    (experiment / "report_metric_vs_round.png").unlink()
+    assert main(["--readme", str(readme), "--check"]) == 1
+    assert "missing experiments/results/exp/report_metric_vs_round.png" in capsys.readouterr().out
+    readme.write_text(readme.read_text().replace("report:exp", "report:nothing"))
+    assert main(["--readme", str(readme), "--check"]) == 1
+    assert "block nothing: no runs under" in capsys.readouterr().out
+
+
+def test_a_block_can_set_its_targets(experiment):
+    readme = readme_with_block(experiment, "<!-- report:exp targets=0.6,0.7 -->")
+    assert update_readme(readme) == 0
+    text = readme.read_text()
+    assert "<!-- report:exp targets=0.6,0.7 -->" in text
+    assert "| hiwi[merged] | 0.01 | 0.7 | 1/3 seeds | 2.0 |" in text and "| 0.8 |" not in text
+    assert update_readme(readme, check=True) == 0
+
+
+def test_repository_readme_matches_the_committed_results(capsys):
+    text = (REPO / "README.md").read_text()
+    names = re.findall(r"^<!-- report:([\w.-]+)", text, re.M)
+    assert update_readme(REPO / "README.md", check=True) == 0
+    out = capsys.readouterr().out
+    assert f"{len(names)} report block(s) checked: {', '.join(names) or '-'}" in out
+    assert (REPO / "README.md").read_text() == text
