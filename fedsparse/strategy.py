@@ -182,10 +182,10 @@ class PackedState:
         values = arrays["values"].numpy()
         if values.dtype != np.float32 or values.ndim != 1:
             return f"values have dtype {values.dtype} and {values.ndim} dims, expected 1-D float32"
-        if "indices" in arrays:
-            index = arrays["indices"].numpy()
-            if index.dtype != np.int32 or values.size != index.size + self.method.head_size:
-                return "indices must be int32 and match the number of values"
+        if "indices" in arrays:  # only a method that sends indices (top-k) gets here: it checks them
+            problem = self.method.check_wire({k: a.numpy() for k, a in arrays.items()})
+            if problem:
+                return problem
         elif values.size != self.global_values.size:
             return f"values have {values.size} entries, expected {self.global_values.size}"
         if not np.isfinite(values).all():

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from fedsparse.methods import METHODS, build_method
+from fedsparse.methods.index_codec import decode_indices, encode_indices
 from fedsparse.methods.pafi import candidate_parameters, compute_mask
 
 
@@ -210,25 +211,36 @@ def test_trainable_counts_follow_the_definitions():
     assert counts["pafi"] == counts["topk"] == round(0.005 * candidates) + head
 
 
-def test_topk_wire_carries_k_values_with_int32_indices(batch):
-    method = build_method(tiny_model(), method_cfg("topk", density=0.05))
+@pytest.mark.parametrize("encoding", ["int32", "varint", "rice", "expgolomb", "bitmap", "auto"])
+def test_topk_wire_carries_k_values_with_their_indices(encoding, batch):
+    method = build_method(tiny_model(), method_cfg("topk", density=0.05, index_encoding=encoding))
     received = method.initial_state().copy()
     _train_steps(method, batch)
     local = method.pack()
     wire = method.encode(local, reference=received)
-    assert wire["indices"].dtype == np.int32 and wire["indices"].size == method.k
+    assert wire["indices"].dtype == (np.int32 if encoding == "int32" else np.uint8)
+    sent = decode_indices(wire["indices"], method.body_size, encoding)
+    assert sent.size == method.k and method.check_wire(wire) is None
     change = np.abs(local - received)[: method.body_size]
-    assert change[wire["indices"]].min() >= np.sort(change)[-method.k]
+    assert change[sent].min() >= np.sort(change)[-method.k]
     decoded = method.decode(wire, received)
-    assert np.array_equal(decoded[wire["indices"]], local[wire["indices"]])
+    assert np.array_equal(decoded[sent], local[sent])
     assert np.array_equal(decoded[method.body_size :], local[method.body_size :])
-    untouched = np.setdiff1d(np.arange(method.body_size), wire["indices"])
+    untouched = np.setdiff1d(np.arange(method.body_size), sent)
     assert np.array_equal(decoded[untouched], received[untouched])
-    # downlink: only entries that differ from the checkpoint travel
+    # downlink: only entries that differ from the checkpoint travel, in the same encoding
     down = method.encode(decoded)
-    assert np.array_equal(np.sort(down["indices"]), np.sort(wire["indices"][change[wire["indices"]] > 0]))
-    with pytest.raises(ValueError, match="out of range"):
-        method.decode({"values": wire["values"], "indices": wire["indices"] + method.body_size}, received)
+    assert down["indices"].dtype == wire["indices"].dtype
+    down_sent = decode_indices(down["indices"], method.body_size, encoding)
+    assert np.array_equal(down_sent, sent[change[sent] > 0])
+    assert np.array_equal(method.decode(down), decoded)
+    # a reply with one value too few, or fewer than k indices, is refused by name
+    assert "values for" in method.check_wire({"values": wire["values"][1:], "indices": wire["indices"]})
+    fewer = {"values": wire["values"][1:], "indices": encode_indices(sent[1:], method.body_size, encoding)}
+    assert f"expected k={method.k}" in method.check_wire(fewer)
+    if encoding == "int32":
+        with pytest.raises(ValueError, match="out of range"):
+            method.decode({"values": wire["values"], "indices": wire["indices"] + method.body_size}, received)
 
 
 def test_bad_method_settings_name_the_fix():

@@ -1,10 +1,14 @@
 """Per-client top-k sparse updates: the per-client-mask design that PaFi makes unnecessary.
 
 Each client trains the candidate weights (PaFi's groups) densely and sends only its k
-largest-magnitude changes with int32 indices, k equal to PaFi's budget at the same density.
+largest-magnitude changes with their indices, k equal to PaFi's budget at the same density.
 Supports differ between clients, so the server reconstructs every reply on top of the global
 state and averages over the union of supports (absent entries count as unchanged). The
 downlink carries the global state's changed entries relative to the checkpoint, with indices.
+Indices travel under the key `indices`, encoded by `method.index_encoding` (`index_codec`):
+`int32` (4 bytes each) or a lossless uint8 code of the sorted set (`varint`, `rice`,
+`expgolomb`, `bitmap`, or `auto`: the smallest of those per message), for a top-k baseline
+whose index traffic is as small as an honest per-client support allows.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from fedsparse.methods.base import Method
+from fedsparse.methods.index_codec import get_codec
 from fedsparse.methods.pafi import candidate_parameters
 
 
@@ -31,6 +36,7 @@ class TopK(Method):
         self.k = round(cfg.density * self.body_size)
         if not 0 < self.k <= self.body_size:
             raise ValueError(f"topk.density={cfg.density} gives k={self.k}: use 0 < density <= 1.")
+        self.codec = get_codec(cfg.get("index_encoding", "int32"))
 
     def state_tensors(self) -> list[torch.Tensor]:
         return self.body + self.head
@@ -48,19 +54,34 @@ class TopK(Method):
             change = np.abs(body - reference[: self.body_size])
             index = np.sort(np.argpartition(change, -self.k)[-self.k :])
         values = np.concatenate([body[index], vector[self.body_size :]]).astype(np.float32)
-        return {"values": values, "indices": index.astype(np.int32)}
+        return {"values": values, "indices": self.codec.encode(index, self.body_size)}
 
-    def decode(self, arrays: dict[str, np.ndarray], reference: np.ndarray | None = None) -> np.ndarray:
-        """Scatter the sent entries onto `reference` (default: the checkpoint)."""
-        index, values = arrays["indices"], arrays["values"]
-        if index.size and (index.min() < 0 or index.max() >= self.body_size):
-            raise ValueError(f"top-k indices out of range [0, {self.body_size}).")
+    def _indices(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Decoded indices (sorted, unique, in range) that match the number of values."""
+        index = self.codec.decode(arrays["indices"], self.body_size)
+        values = arrays["values"]
         if values.size != index.size + self.head_size:
             raise ValueError(
                 f"top-k payload has {values.size} values for {index.size} indices "
                 f"+ {self.head_size} head entries."
             )
+        return index
+
+    def check_wire(self, arrays: dict[str, np.ndarray]) -> str | None:
+        """Why an uplink reply's indices are unusable, or None: they must decode under this
+        side's `index_encoding` to exactly k indices, with one value each plus the head."""
+        try:
+            index = self._indices(arrays)
+        except ValueError as err:
+            return str(err)
+        if index.size != self.k:
+            return f"top-k reply carries {index.size} indices, expected k={self.k}"
+        return None
+
+    def decode(self, arrays: dict[str, np.ndarray], reference: np.ndarray | None = None) -> np.ndarray:
+        """Scatter the sent entries onto `reference` (default: the checkpoint)."""
+        index, values = self._indices(arrays), arrays["values"]
         out = (self.initial_state() if reference is None else reference).copy()
-        out[index.astype(np.int64)] = values[: index.size]
+        out[index] = values[: index.size]
         out[self.body_size :] = values[index.size :]
         return out
