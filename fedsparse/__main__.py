@@ -5,12 +5,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from fedsparse.config import finalize
+from fedsparse.config import finalize, run_dir
+from fedsparse.results import finished
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     cfg = finalize(cfg)
+    if finished(cfg):  # an interrupted sweep continues where it stopped
+        print(f"skip: {run_dir(cfg)} is finished with this configuration", flush=True)
+        return
     if cfg.mode == "central":
         from fedsparse.central import run_central
 

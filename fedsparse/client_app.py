@@ -20,6 +20,7 @@ from fedsparse.config import from_run_config
 from fedsparse.data import TASKS, partition, train_split
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
+from fedsparse.sampling import partition_reply
 from fedsparse.strategy import INFO_KEY, METRICS_KEY
 from fedsparse.train import evaluate, make_loader, train
 
@@ -146,6 +147,10 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, resolve(context))
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return partition_reply(msg, context.node_config)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

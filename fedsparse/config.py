@@ -9,6 +9,8 @@ compose the same `conf/` tree from them.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import secrets
 import shlex
 import time
@@ -89,7 +91,31 @@ def finalize(cfg: DictConfig) -> DictConfig:
     if cfg.run_name is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg.run_name = f"{cfg.method.name}-{cfg.task.name}-{stamp}-{secrets.token_hex(2)}"
+    elif cfg.run_name == "auto":
+        cfg.run_name = auto_run_name(cfg)
     return cfg
+
+
+def auto_run_name(cfg: DictConfig) -> str:
+    """A name that is a function of the configuration (`run_name=auto`, used by the experiment
+    presets): rerunning a sweep finds its finished runs and skips them. Readable parts first,
+    then a digest of everything else, so two different configurations never share a directory."""
+    method, fed = cfg.method, cfg.federation
+    variant = {"hiwi": method.get("exchange"), "topk": method.get("index_encoding")}.get(method.name)
+    if method.name == "pafi":
+        variant = f"{method.select}-d{method.density:g}"
+    settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("run_name", "output_dir")}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+    parts = [
+        method.name,
+        variant,
+        cfg.task.name,
+        f"a{fed.alpha:g}",
+        f"lr{cfg.train.lr:g}",
+        f"s{cfg.seed}",
+        digest,
+    ]
+    return "-".join(str(p) for p in parts if p)
 
 
 def run_dir(cfg: DictConfig) -> Path:

@@ -32,6 +32,21 @@ class RunWriter:
         return path
 
 
+def finished(cfg: DictConfig) -> bool:
+    """True when this exact run already completed (sweeps skip it); raises if the run directory
+    holds another configuration, which would otherwise be overwritten."""
+    path = run_dir(cfg)
+    if not (path / "summary.json").exists():
+        return False
+    saved = OmegaConf.load(path / "config.yaml")
+    if saved != cfg:
+        raise FileExistsError(
+            f"{path} holds a finished run with another configuration. Choose another run_name "
+            "(or output_dir), or delete that directory."
+        )
+    return True
+
+
 def read_run(path: str | Path) -> tuple[dict, list[dict], dict]:
     """(config, rounds, summary) of a run directory; raises naming what is missing."""
     path = Path(path)

@@ -3,7 +3,6 @@ and writes the run directory (config, per-round JSON lines, summary)."""
 
 from __future__ import annotations
 
-import random
 import time
 
 import numpy as np
@@ -18,25 +17,27 @@ from fedsparse.metrics import main_metric
 from fedsparse.model import load_model, load_tokenizer
 from fedsparse.report import format_comm_table, format_round, plot_runs
 from fedsparse.results import RunWriter
+from fedsparse.sampling import ClientSampler
 from fedsparse.strategy import STRATEGIES, CommLedger, PackedState, wire_bytes
 from fedsparse.train import evaluate, make_loader
 
 
 def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> PackedState:
     fed = cfg.federation
-    fraction = fed.clients_per_round / fed.num_clients
+    sampler = ClientSampler(cfg.seed, fed.clients_per_round, fed.num_clients, fed.wait_timeout)
+    # The sampler picks the clients; Flower's own sampling then sees only them (fraction 1.0).
     kwargs = dict(
-        fraction_train=fraction,
-        min_train_nodes=fed.clients_per_round,
-        fraction_evaluate=fraction if fed.evaluate_clients else 0.0,
-        min_evaluate_nodes=fed.clients_per_round,
-        min_available_nodes=fed.clients_per_round,
+        fraction_train=1.0,
+        min_train_nodes=1,
+        fraction_evaluate=1.0 if fed.evaluate_clients else 0.0,
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
     )
     if fed.strategy == "fedavgm":
         kwargs.update(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
     elif fed.strategy == "fedadam":
         kwargs.update(eta=fed.server_lr_adam, eta_l=cfg.train.lr)
-    return STRATEGIES[fed.strategy](method=method, ledger=ledger, **kwargs)
+    return STRATEGIES[fed.strategy](method=method, ledger=ledger, sampler=sampler, **kwargs)
 
 
 def full_model_bytes(num_parameters: int) -> int:
@@ -47,7 +48,6 @@ def full_model_bytes(num_parameters: int) -> int:
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict:
     """One federated run; returns the summary that is also written to summary.json."""
-    random.seed(cfg.seed)  # Flower samples clients with the global `random`
     task = cfg.task.name
     model = load_model(cfg.model.name, TASKS[task].num_labels, cfg.seed)
     num_parameters = sum(p.numel() for p in model.parameters())
@@ -90,6 +90,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
             "train": dict(strategy.train_metrics.get(server_round, {})),
             "client_eval": dict(strategy.client_eval.get(server_round, {})),
             "rejected": strategy.rejected.get(server_round, []),
+            "sampled": strategy.sampler.sampled.get((server_round, "train"), []),
             "wall_seconds": time.time() - start,
         }
         writer.add_round(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from omegaconf import DictConfig
 
 from fedsparse.client_app import make_client_app
 from fedsparse.config import run_dir
+from fedsparse.data import format_label_histograms, label_histograms, partition_all, train_split
 from fedsparse.server_app import make_server_app
 
 
@@ -25,10 +27,31 @@ def backend_config(cfg: DictConfig) -> dict:
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": 0.0}, "init_args": init_args}
 
 
+def describe_shards(cfg: DictConfig, out: Path) -> None:
+    """Print the clients' label histograms and keep them in `shards.json`: on label-skewed
+    shards the partition draw decides much of the result, so every run records its own."""
+    fed = cfg.federation
+    shards = partition_all(
+        train_split(cfg), fed.num_clients, fed.partitioner, fed.alpha, cfg.seed, fed.min_partition_size
+    )
+    print(
+        f"Client shards ({fed.partitioner}, alpha={fed.alpha}, seed={cfg.seed}):\n"
+        + format_label_histograms(shards),
+        flush=True,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    histograms = {"sizes": [len(s) for s in shards], "labels": label_histograms(shards)}
+    (out / "shards.json").write_text(json.dumps(histograms))
+
+
 def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     """Simulate `federation.num_clients` nodes; returns the run directory."""
+    describe_shards(cfg, run_dir(cfg))
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only: keep Ray quiet
+    # Ray starts workers at nice 15: beside any other busy process on the machine the clients
+    # would get a small share of the CPU and the run would crawl.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     flwr_run_simulation(
         server_app=make_server_app(cfg),
         client_app=make_client_app(cfg),

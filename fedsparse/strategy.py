@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
 
 from fedsparse.methods import Method
+from fedsparse.sampling import ClientSampler
 
 log = logging.getLogger("fedsparse")
 INFO_KEY = "info"  # ConfigRecord in each reply: the client's mask fingerprint
@@ -67,6 +68,18 @@ class CommLedger:
         self.rounds.setdefault(server_round, []).append(entry)
         return entry
 
+    def add_query(self, server_round: int, direction: str, message: Message) -> None:
+        """A partition-id query (once per node, see `sampling`): counted in the round's total."""
+        meta = message.metadata
+        self.add(
+            server_round,
+            "query",
+            direction,
+            message,
+            None,
+            meta.dst_node_id if direction == "down" else meta.src_node_id,
+        )
+
     def summary(self, server_round: int) -> dict:
         """Totals for one round: `down`/`up` for training messages, `eval_down`/`eval_up` for
         the optional client-side evaluation, with per-client means and the payload breakdown."""
@@ -83,6 +96,7 @@ class CommLedger:
                     **{k: sum(e[k] for e in mine) for k in ("values", "head", "indices", "overhead")},
                 }
         out["clients"] = sorted({e["node"] for e in entries if e["kind"] == "train"})
+        out["query_bytes"] = sum(e["bytes"] for e in entries if e["kind"] == "query")
         out["total_bytes"] = sum(e["bytes"] for e in entries)
         return out
 
@@ -90,10 +104,12 @@ class CommLedger:
 class PackedState:
     """Mixin for a Message-API strategy: encode downlinks, validate and decode uplinks, count bytes."""
 
-    def __init__(self, *args, method: Method, ledger: CommLedger, **kwargs):
+    def __init__(self, *args, method: Method, ledger: CommLedger, sampler: ClientSampler, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.ledger = ledger
+        self.sampler = sampler
+        sampler.on_message = ledger.add_query
         self.fingerprint = method.fingerprint()
         self.global_values: np.ndarray | None = None
         self.rejected: dict[int, list[str]] = {}
@@ -116,6 +132,7 @@ class PackedState:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         config["fingerprint"] = self.fingerprint
+        grid = self.sampler.sample(grid, server_round, "train")
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._send(server_round, "train", messages, arrays)
 
@@ -123,6 +140,7 @@ class PackedState:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         config["fingerprint"] = self.fingerprint
+        grid = self.sampler.sample(grid, server_round, "evaluate")
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._send(server_round, "evaluate", messages, arrays)
 
@@ -131,7 +149,7 @@ class PackedState:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = []
         self.untouched = None  # entries every accepted reply left exactly at the global value
-        for reply in replies:
+        for reply in self.sampler.order(replies):
             if reply.has_error():
                 self._reject(server_round, reply, f"client error: {reply.error.reason}")
                 continue
@@ -157,7 +175,7 @@ class PackedState:
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        replies = self.sampler.order(replies)
         for reply in replies:
             if not reply.has_error():
                 self.ledger.add(server_round, "evaluate", "up", reply, None, reply.metadata.src_node_id)
