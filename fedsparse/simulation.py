@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.simulation import run_simulation as flwr_run_simulation
@@ -44,6 +46,18 @@ def describe_shards(cfg: DictConfig, out: Path) -> None:
     (out / "shards.json").write_text(json.dumps(histograms))
 
 
+@contextlib.contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """Set environment variables that are not set already, for the duration of the block."""
+    added = {k: v for k, v in variables.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     """Simulate `federation.num_clients` nodes; returns the run directory."""
     describe_shards(cfg, run_dir(cfg))
@@ -52,13 +66,17 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     # Ray starts workers at nice 15: beside any other busy process on the machine the clients
     # would get a small share of the CPU and the run would crawl.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    flwr_run_simulation(
-        server_app=make_server_app(cfg),
-        client_app=make_client_app(cfg),
-        num_supernodes=cfg.federation.num_clients,
-        backend_config=backend_config(cfg),
-        verbose_logging=verbose,
-    )
+    # Ray's workers inherit this environment: each actor computes on its own cores only, where
+    # torch's default (every core in every actor) would oversubscribe the machine.
+    threads = str(max(1, int(cfg.federation.client_cpus)))
+    with environment(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
+        flwr_run_simulation(
+            server_app=make_server_app(cfg),
+            client_app=make_client_app(cfg),
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend_config(cfg),
+            verbose_logging=verbose,
+        )
     out = run_dir(cfg)
     if not (out / "summary.json").exists():
         raise RuntimeError(

@@ -126,6 +126,21 @@ def test_pafi_training_changes_only_masked_entries_and_keeps_small_optimizer_sta
     assert changed_entries > 0.9 * method.mask.size
 
 
+def test_pafi_masked_backward_equals_autograd_through_the_dense_weight(batch):
+    """The gather-based gradient of the masked entries is the dense weight gradient at the mask."""
+    grads, logits = [], []
+    for masked in (True, False):
+        method = build_method(tiny_model(), method_cfg("pafi", density=0.05, masked_backward=masked))
+        method.model.eval()  # no dropout: both passes see the same function
+        out = method.model(**batch)
+        out.loss.backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in method.parameters()]))
+        logits.append(out.logits.detach())
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    assert grads[0][: method.mask.size].abs().max() > 0
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_pack_unpack_round_trips_exactly(name, batch):
     kwargs = {"density": 0.05} if name in ("pafi", "topk") else {}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
@@ -152,9 +153,47 @@ class SparseValues(nn.Module):
         super().__init__()
         self.register_buffer("index", index, persistent=False)
         self.values = nn.Parameter(weight.detach().reshape(-1)[index].clone())
+        if weight.ndim == 2:  # (row, column) of each entry, for the masked backward of a Linear
+            self.register_buffer("rows", index // weight.shape[1], persistent=False)
+            self.register_buffer("cols", index % weight.shape[1], persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(-1).index_put((self.index,), self.values).view_as(weight)
+
+
+class SparseLinear(torch.autograd.Function):
+    """y = x W^T + b, W the frozen weight with the trainable values at the mask.
+
+    Autograd through the parametrization would form the dense weight gradient (a matmul as
+    large as the forward) only to keep 0.5% of it; here each masked entry's gradient is
+    sum_t dy[t, row] * x[t, col], a gather over the tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, sparse: SparseValues):
+        effective = weight.reshape(-1).index_put((sparse.index,), values).view_as(weight)
+        ctx.save_for_backward(x, effective)
+        ctx.sparse = sparse
+        return F.linear(x, effective, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, effective = ctx.saved_tensors
+        grad_x = grad_out @ effective if ctx.needs_input_grad[0] else None
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        xs = x.reshape(-1, x.shape[-1])
+        grad_values = (dy[:, ctx.sparse.rows] * xs[:, ctx.sparse.cols]).sum(0)
+        return grad_x, None, None, grad_values, None
+
+
+def masked_linear_forward(module: nn.Linear, sparse: SparseValues):
+    """A forward for `module` that trains only the masked entries of its (frozen) weight."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight = module.parametrizations.weight.original
+        return SparseLinear.apply(x, weight, module.bias, sparse.values, sparse)
+
+    return forward
 
 
 class PaFi(Method):
@@ -173,6 +212,8 @@ class PaFi(Method):
             module = modules[module_name]
             sparse = SparseValues(getattr(module, attr), index)
             parametrize.register_parametrization(module, attr, sparse)
+            if cfg.get("masked_backward", True) and attr == "weight" and isinstance(module, nn.Linear):
+                module.forward = masked_linear_forward(module, sparse)
             self.values.append(sparse.values)
             self.sites.append((module, attr))
 
@@ -184,4 +225,6 @@ class PaFi(Method):
 
     def merge(self) -> PreTrainedModel:
         """Fold the values into plain weights; the model is a stock HF model afterwards."""
+        for module, _ in self.sites:
+            module.__dict__.pop("forward", None)  # back to the class's own forward
         return self._fold(self.sites)
