@@ -180,9 +180,10 @@ class SparseLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, effective = ctx.saved_tensors
         grad_x = grad_out @ effective if ctx.needs_input_grad[0] else None
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
-        xs = x.reshape(-1, x.shape[-1])
-        grad_values = (dy[:, ctx.sparse.rows] * xs[:, ctx.sparse.cols]).sum(0)
+        # feature-major copies, so that gathering an entry's row/column reads contiguous memory
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).t().contiguous()
+        xs = x.reshape(-1, x.shape[-1]).t().contiguous()
+        grad_values = (dy.index_select(0, ctx.sparse.rows) * xs.index_select(0, ctx.sparse.cols)).sum(1)
         return grad_x, None, None, grad_values, None
 
 
