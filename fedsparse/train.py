@@ -8,12 +8,44 @@ from collections.abc import Iterator
 import datasets
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsparse.methods import Method
 from fedsparse.metrics import compute_metrics
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Batches of similar-length examples, in random order (Hugging Face's `group_by_length`).
+
+    Padding every batch to its longest example triples the tokens computed on SST-2 (mean 13
+    tokens, padded batch of 16: 36). Each chunk of `batch_size * chunk_batches` shuffled
+    examples is sorted by length and cut into batches, and the batches are shuffled, so batch
+    contents stay random while their lengths match. Without shuffling: sorted, for evaluation.
+    """
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, generator: torch.Generator | None, chunk_batches: int = 50
+    ):
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+        self.chunk = batch_size * chunk_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n = len(self.lengths)
+        if self.generator is None:
+            order = sorted(range(n), key=self.lengths.__getitem__)
+            yield from (order[i : i + self.batch_size] for i in range(0, n, self.batch_size))
+            return
+        perm = torch.randperm(n, generator=self.generator).tolist()
+        batches = []
+        for start in range(0, n, self.chunk):
+            chunk = sorted(perm[start : start + self.chunk], key=self.lengths.__getitem__)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
 
 
 def make_loader(
@@ -24,7 +56,7 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
 ) -> DataLoader:
-    """Tokenise once, pad per batch (dynamic padding keeps short SST-2 batches cheap)."""
+    """Tokenise once; batches of similar lengths, padded per batch."""
     texts = [list(dataset["sentence1"])]
     if "sentence2" in dataset.column_names:
         texts.append(list(dataset["sentence2"]))
@@ -38,8 +70,10 @@ def make_loader(
         features["labels"] = target.float() if target.is_floating_point() else target.long()
         return features
 
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    batches = LengthGroupedBatches(lengths, batch_size, generator)
+    return DataLoader(rows, batch_sampler=batches, collate_fn=collate, generator=generator)
 
 
 def _batches(loader: DataLoader, steps: int) -> Iterator[dict]:
