@@ -84,6 +84,7 @@ def finalize(cfg: DictConfig) -> DictConfig:
         (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),
         (cfg.federation.alpha > 0, "federation.alpha must be > 0"),
         (cfg.train.lr > 0 and cfg.train.batch_size >= 1, "train.lr must be > 0, train.batch_size >= 1"),
+        (0 < cfg.train.lr_decay <= 1, "train.lr_decay must be in (0, 1]"),
     ]
     errors = [message for ok, message in checks if not ok]
     if errors:

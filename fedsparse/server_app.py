@@ -37,7 +37,9 @@ def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> Packed
         kwargs.update(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
     elif fed.strategy == "fedadam":
         kwargs.update(eta=fed.server_lr_adam, eta_l=cfg.train.lr)
-    return STRATEGIES[fed.strategy](method=method, ledger=ledger, sampler=sampler, **kwargs)
+    return STRATEGIES[fed.strategy](
+        method=method, ledger=ledger, sampler=sampler, lr_decay=float(cfg.train.lr_decay), **kwargs
+    )
 
 
 def full_model_bytes(num_parameters: int) -> int:

@@ -104,8 +104,17 @@ class CommLedger:
 class PackedState:
     """Mixin for a Message-API strategy: encode downlinks, validate and decode uplinks, count bytes."""
 
-    def __init__(self, *args, method: Method, ledger: CommLedger, sampler: ClientSampler, **kwargs):
+    def __init__(
+        self,
+        *args,
+        method: Method,
+        ledger: CommLedger,
+        sampler: ClientSampler,
+        lr_decay: float = 1.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.lr_decay = lr_decay  # the clients' learning rate is multiplied by this every round
         self.method = method
         self.ledger = ledger
         self.sampler = sampler
@@ -131,6 +140,8 @@ class PackedState:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
+        config = ConfigRecord(dict(config))  # the caller passes the same record every round
+        config["lr"] = float(config["lr"]) * self.lr_decay ** (server_round - 1)
         config["fingerprint"] = self.fingerprint
         grid = self.sampler.sample(grid, server_round, "train")
         messages = super().configure_train(server_round, arrays, config, grid)
