@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_result
 
 from fedsparse.config import compose_config
 from fedsparse.data import train_split
@@ -53,11 +54,7 @@ def main() -> None:
         "| method | s per step | relative to pafi (masked) |",
         "|---|---:|---:|",
     ] + [f"| {name} | {sec:.3f} | {sec / base:.2f} |" for name, sec in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(__file__).resolve().parent / "results" / "step_time.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    write_result("\n".join(lines), Path(__file__).resolve().parent / "results" / "step_time.md")
 
 
 if __name__ == "__main__":

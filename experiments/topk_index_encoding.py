@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
+from common import write_result
 from flwr.app import Array, ArrayRecord
 from flwr.common.serde import array_record_to_proto
 
@@ -92,11 +92,7 @@ def main() -> None:
             f"| {label} | (gaps: median {np.median(gaps):.0f}, mean {gaps.mean():.0f}, "
             f"{(gaps < 128).mean():.0%} below 128) | | | | | | |"
         )
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print(f"\nwrote {args.out}")
+    write_result("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

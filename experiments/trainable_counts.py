@@ -8,7 +8,8 @@ Counts come from building each method on the real model, not from formulas.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from common import write_result
 
 from fedsparse.config import compose_config
 from fedsparse.methods import METHODS, build_method
@@ -52,11 +53,7 @@ def main() -> None:
         f"| {label} | {trained:,} | {sent:,} | {head:,} | {100 * sent / total:.3f}% |"
         for label, trained, sent, head in rows
     ]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print(f"\nwrote {args.out}")
+    write_result("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

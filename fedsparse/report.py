@@ -184,7 +184,7 @@ def group_runs(runs: list[dict]) -> list[Group]:
         mine = dict(key)
         for name in sorted({name for twin in twins for name, _ in twin ^ set(key)}):
             method += f" {name}={mine.get(name, '-')}"
-        members.sort(key=lambda r: (r["config"].get("seed", 0), r["dir"]))
+        members.sort(key=lambda r: (r["config"].get("seed", 0), r.get("dir", "")))
         groups.append(Group(method, task, lr, alpha, members))
     return sorted(groups, key=lambda g: (g.task, g.method, g.lr, -1 if g.alpha is None else g.alpha))
 

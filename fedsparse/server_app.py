@@ -140,10 +140,14 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
     }
     writer.write_summary(summary)
     print(format_comm_table(history), flush=True)
-    plots = plot_runs(
-        [{"summary": summary, "rounds": history, "config": OmegaConf.to_container(cfg)}], writer.dir
-    )
-    print(f"results: {writer.dir} (plots: {', '.join(p.name for p in plots)})", flush=True)
+    run = {
+        "dir": str(writer.dir),
+        "summary": summary,
+        "rounds": history,
+        "config": OmegaConf.to_container(cfg),
+    }
+    plots = plot_runs([run], writer.dir)
+    print(f"results: {writer.dir}\nplots: {', '.join(str(p) for p in plots)}", flush=True)
     return summary
 
 

@@ -19,6 +19,8 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from fedsparse.model import TINY_BERT, load_model  # noqa: E402
+from fedsparse.sampling import ClientSampler  # noqa: E402
+from fedsparse.strategy import CommLedger, PackedFedAvg  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "fedsparse" / "conf"
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
@@ -39,3 +41,26 @@ def batch() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, 2000, (4, 12), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
+
+
+@pytest.fixture
+def app_identity():
+    """Messages can only be built inside a running app; pose as one (Flower internal API)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def packed_strategy(method) -> PackedFedAvg:
+    """A one-client FedAvg on `method`'s packed vector, holding the initial global state."""
+    strat = PackedFedAvg(
+        method=method,
+        ledger=CommLedger(method.head_size),
+        sampler=ClientSampler(seed=0, clients_per_round=1, num_clients=1),
+        min_available_nodes=1,
+    )
+    strat.global_values = method.initial_state()
+    return strat

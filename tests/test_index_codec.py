@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import method_cfg, tiny_model
+from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsparse.methods import build_method
 from fedsparse.methods.index_codec import CODECS, decode_indices, encode_indices, get_codec
-from fedsparse.sampling import ClientSampler
-from fedsparse.strategy import CommLedger, PackedFedAvg
+from fedsparse.strategy import PackedFedAvg
 
 COMPACT = ["varint", "rice", "expgolomb", "bitmap", "auto"]
 N_MINILM = 10_616_832  # MiniLM's attention + FFN candidate entries
@@ -214,25 +212,10 @@ def test_unknown_encoding_names_the_choices():
 # --- the server: a compact reply is validated and averaged exactly like an int32 one ----------
 
 
-@pytest.fixture
-def app_identity():
-    # Messages can only be built inside a running app; pose as one (Flower internal API).
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _topk_strategy(encoding: str) -> PackedFedAvg:
-    method = build_method(tiny_model(), method_cfg("topk", density=0.05, index_encoding=encoding))
-    strat = PackedFedAvg(
-        method=method,
-        ledger=CommLedger(method.head_size),
-        sampler=ClientSampler(seed=0, clients_per_round=1, num_clients=1),
-        min_available_nodes=1,
+    return packed_strategy(
+        build_method(tiny_model(), method_cfg("topk", density=0.05, index_encoding=encoding))
     )
-    strat.global_values = method.initial_state()
-    return strat
 
 
 def _reply(wire: dict[str, np.ndarray], weight: float, fingerprint: str) -> Message:

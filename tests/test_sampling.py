@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsparse.config import compose_config
 from fedsparse.sampling import ClientSampler, partition_reply
@@ -39,12 +38,8 @@ class FakeGrid:
 
 
 @pytest.fixture(autouse=True)
-def app_identity():
-    # Messages can only be built inside a running app; pose as one (Flower internal API).
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+def _in_app(app_identity):
     yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _draws(seed: int, grid_seed: int, rounds: int = 6) -> list[list[int]]:

@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import method_cfg, tiny_model
+from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsparse.methods import build_method
-from fedsparse.sampling import ClientSampler
-from fedsparse.strategy import CommLedger, PackedFedAvg
 
 
 @pytest.fixture
-def strategy():
-    # Messages can only be built inside a running app; pose as one (Flower internal API).
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    method = build_method(tiny_model(), method_cfg("pafi", density=0.05))
-    strat = PackedFedAvg(
-        method=method,
-        ledger=CommLedger(method.head_size),
-        sampler=ClientSampler(seed=0, clients_per_round=1, num_clients=1),
-        min_available_nodes=1,
-    )
-    strat.global_values = method.initial_state()
-    yield strat
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+def strategy(app_identity):
+    return packed_strategy(build_method(tiny_model(), method_cfg("pafi", density=0.05)))
 
 
 def _reply(
