@@ -87,3 +87,29 @@ def test_central_mode_from_the_command_line(tmp_path):
     assert "dev: accuracy=" in run.stdout
     summary = (tmp_path / "c" / "summary.json").read_text()
     assert '"mode": "central"' in summary and '"method": "hiwi"' in summary
+
+
+def test_auto_run_names_follow_the_configuration():
+    name = compose_config(["run_name=auto", "method=hiwi", "method.exchange=merged", "seed=2"]).run_name
+    assert name.startswith("hiwi-merged-sst2-a1-lr0.003-s2-")
+    assert (
+        name == compose_config(["run_name=auto", "method=hiwi", "method.exchange=merged", "seed=2"]).run_name
+    )
+    other = compose_config(
+        ["run_name=auto", "method=hiwi", "method.exchange=merged", "seed=2", "train.batch_size=8"]
+    )
+    assert other.run_name != name  # a setting outside the readable part still changes the name
+
+
+def test_a_finished_run_is_skipped_and_another_config_refused(tmp_path):
+    from fedsparse.results import RunWriter, finished
+
+    cfg = compose_config(["run_name=auto", f"output_dir={tmp_path}"])
+    assert not finished(cfg)
+    writer = RunWriter(cfg)
+    assert not finished(cfg)  # started but not finished: run it again
+    writer.write_summary({"final": {}})
+    assert finished(cfg)
+    clash = compose_config([f"run_name={cfg.run_name}", f"output_dir={tmp_path}", "seed=5"])
+    with pytest.raises(FileExistsError, match="another configuration"):
+        finished(clash)
