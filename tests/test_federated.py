@@ -185,7 +185,10 @@ def test_optional_client_side_evaluation_is_recorded(tmp_path):
             comm["eval_down"]["values"] + comm["eval_down"]["head"]
             == comm["down"]["values"] + comm["down"]["head"]
         )
-        assert comm["total_bytes"] == sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
+        directions = sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
+        assert comm["total_bytes"] == directions + comm["query_bytes"]
+    # the one-off partition-id queries (a message to and from each node) are counted in round 1
+    assert rounds[1]["comm"]["query_bytes"] > 0 and rounds[2]["comm"]["query_bytes"] == 0
     assert (tmp_path / "ce" / "bytes_per_round.png").exists()
 
 
