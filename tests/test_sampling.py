@@ -105,7 +105,9 @@ SIM = [
 
 @pytest.fixture(scope="module")
 def sims(tmp_path_factory):
-    """Four short simulations: pafi seed 0 twice, bitfit seed 0, pafi seed 1; final vectors kept."""
+    """Three short simulations: pafi seed 0 twice, bitfit seed 0; final vectors kept. (Another
+    seed drawing other partitions is checked on the sampler itself, above: a fourth simulation
+    would cost 40 s of the suite's budget.)"""
     out = tmp_path_factory.mktemp("sampling")
     finals: dict[str, np.ndarray] = {}
     original = PackedState.aggregate_train
@@ -122,7 +124,6 @@ def sims(tmp_path_factory):
             ("pafi-0", ["seed=0", "method.density=0.2"]),
             ("pafi-0-again", ["seed=0", "method.density=0.2"]),
             ("bitfit-0", ["seed=0", "method=bitfit"]),
-            ("pafi-1", ["seed=1", "method.density=0.2"]),
         ]:
             cfg = compose_config(SIM + extra + [f"output_dir={out}", f"run_name={current}"])
             path = run_simulation(cfg)
@@ -151,4 +152,4 @@ def test_methods_under_one_seed_train_the_same_clients(sims):
     runs, _ = sims
     sampled = [r["sampled"] for r in runs["pafi-0"]]
     assert sampled == [r["sampled"] for r in runs["bitfit-0"]]
-    assert sampled != [r["sampled"] for r in runs["pafi-1"]]
+    assert len({tuple(s) for s in sampled[1:]}) > 1  # the draw changes from round to round
