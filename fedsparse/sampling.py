@@ -60,21 +60,19 @@ class ClientSampler:
         clients_per_round: int,
         num_clients: int,
         wait_timeout: float = 300.0,
-        on_message: Callable[[int, str, Message], None] | None = None,
     ):
         self.seed = int(seed)
         self.clients_per_round = int(clients_per_round)
         self.num_clients = int(num_clients)
         self.wait_timeout = float(wait_timeout)
-        self.on_message = on_message  # (round, "down"|"up", message): counts the query bytes
+        # (round, "down"|"up", message) for each query message: the strategy counts its bytes
+        self.on_message: Callable[[int, str, Message], None] | None = None
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.sampled: dict[tuple[int, str], list[int]] = {}  # (round, kind) -> partition ids
-        self._round = 0
 
     def sample(self, grid: Grid, server_round: int, kind: str = "train") -> SampledGrid:
         """This round's clients as a grid view; their partition ids are kept in `sampled`."""
-        self._round = server_round
-        population = self._population(grid)
+        population = self._population(grid, server_round)
         rng = random.Random(self.seed * 1_000_003 + server_round * 10 + KIND_SALT[kind])
         chosen = sorted(rng.sample(population, min(self.clients_per_round, len(population))))
         self.sampled[(server_round, kind)] = chosen
@@ -85,14 +83,14 @@ class ClientSampler:
         partition_of = {n: p for p, n in self.node_of.items()}
         return sorted(replies, key=lambda m: partition_of.get(m.metadata.src_node_id, self.num_clients))
 
-    def _population(self, grid: Grid) -> list[int]:
+    def _population(self, grid: Grid, server_round: int) -> list[int]:
         """Sorted partition ids of the connected nodes; waits for all `num_clients` at first."""
         deadline = time.monotonic() + self.wait_timeout
         next_note = 0.0
         while True:
             connected = set(grid.get_node_ids())
             self.node_of = {p: n for p, n in self.node_of.items() if n in connected}
-            self._discover(grid, connected - set(self.node_of.values()))
+            self._discover(grid, connected - set(self.node_of.values()), server_round)
             if len(self.node_of) >= self.num_clients or (self.node_of and self.sampled):
                 return sorted(self.node_of)
             if time.monotonic() > deadline:
@@ -110,7 +108,7 @@ class ClientSampler:
                 next_note = time.monotonic() + 10
             time.sleep(1)
 
-    def _discover(self, grid: Grid, node_ids: set[int]) -> None:
+    def _discover(self, grid: Grid, node_ids: set[int], server_round: int) -> None:
         if not node_ids:
             return
         queries = [
@@ -118,7 +116,7 @@ class ClientSampler:
             for n in sorted(node_ids)
         ]
         for q in queries:
-            self._count("down", q)
+            self._count(server_round, "down", q)
         for reply in grid.send_and_receive(queries, timeout=self.wait_timeout):
             if reply.has_error():
                 log.warning(
@@ -127,7 +125,7 @@ class ClientSampler:
                     reply.error.reason,
                 )
                 continue
-            self._count("up", reply)
+            self._count(server_round, "up", reply)
             partition = int(reply.content[INFO_KEY][PARTITION_KEY])
             node = reply.metadata.src_node_id
             if not 0 <= partition < self.num_clients:
@@ -142,6 +140,6 @@ class ClientSampler:
                 )
             self.node_of[partition] = node
 
-    def _count(self, direction: str, message: Message) -> None:
+    def _count(self, server_round: int, direction: str, message: Message) -> None:
         if self.on_message is not None:
-            self.on_message(self._round, direction, message)
+            self.on_message(server_round, direction, message)
