@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -24,11 +25,16 @@ from pathlib import Path
 
 import pytest
 
+from fedsparse.deploy import FILES, compose_files, write_compose
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [ROOT / "docker-compose.yml"]
-TLS = BASE + [ROOT / "docker-compose.tls.yml"]
-AUTH = TLS + [ROOT / "docker-compose.auth.yml"]
-STACKS = pytest.mark.parametrize("files", [BASE, TLS, AUTH], ids=["insecure", "tls", "tls+auth"])
+KINDS = {"insecure": 1, "tls": 2, "tls+auth": 3}  # how many of FILES a stack layers
+# Every semantic check runs on the committed files and on the generator's output for N nodes.
+SOURCES = {"repo": None, "n1": 1, "n3": 3, "n20": 20}
+STACKS = pytest.mark.parametrize(
+    "stack", [(s, k) for s in SOURCES for k in KINDS], ids=[f"{s}-{k}" for s in SOURCES for k in KINDS]
+)
 FLOWER = "1.41.0"
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -123,6 +129,29 @@ def bad_compose(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
     return compose_config([tmp_path / "docker-compose.yml"], cwd=tmp_path)
 
 
+def is_tls(files: list[Path]) -> bool:
+    return any(f.name == "docker-compose.tls.yml" for f in files)
+
+
+def is_auth(files: list[Path]) -> bool:
+    return any(f.name == "docker-compose.auth.yml" for f in files)
+
+
+@functools.cache
+def generated(nodes: int, parent: Path) -> Path:
+    """The generator's files for `nodes` data owners, building from this repository."""
+    write_compose(parent / f"n{nodes}", nodes, context=str(ROOT))
+    return parent / f"n{nodes}"
+
+
+@pytest.fixture
+def files(stack, tmp_path_factory) -> list[Path]:
+    source, kind = stack
+    nodes = SOURCES[source]
+    directory = ROOT if nodes is None else generated(nodes, tmp_path_factory.getbasetemp())
+    return [directory / name for name in FILES[: KINDS[kind]]]
+
+
 # ---- validity ----------------------------------------------------------------------------------
 
 
@@ -180,7 +209,7 @@ def test_every_command_is_accepted_by_the_pinned_flower(files):
 def test_the_federation_has_one_partition_per_supernode(files):
     procs = parsed(files)
     nodes = {n: a for n, (p, a, _) in procs.items() if p == "flower-supernode"}
-    assert len(nodes) >= 2
+    assert len(nodes) >= 1
     from flwr.common.config import parse_config_args
 
     configs = {n: parse_config_args([a.node_config]) for n, a in nodes.items()}
@@ -221,17 +250,11 @@ def test_every_service_is_pinned_and_offline(files):
 @STACKS
 def test_tls_is_all_or_nothing(files):
     procs, svc = parsed(files), services(files)
-    tls = files != BASE
+    tls = is_tls(files)
     for name, (program, args, argv) in procs.items():
         assert ("--insecure" in argv) != tls, name
         if not tls:
             continue
-        assert mounts(svc[name])["/certificates"] == {
-            "type": "bind",
-            "source": str(ROOT / "certificates"),
-            "target": "/certificates",
-            "read_only": True,
-        }
         if program == "flower-superlink":
             assert (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile) == (
                 "/certificates/ca.crt",
@@ -258,7 +281,7 @@ def test_tls_is_all_or_nothing(files):
 @STACKS
 def test_supernode_authentication_only_in_the_auth_override(files):
     procs, svc = parsed(files), services(files)
-    auth = files == AUTH
+    auth = is_auth(files)
     (link,) = [a for p, a, _ in procs.values() if p == "flower-superlink"]
     assert link.enable_supernode_auth is auth
     for name, (program, args, _) in procs.items():
@@ -269,7 +292,74 @@ def test_supernode_authentication_only_in_the_auth_override(files):
             continue
         assert args.auth_supernode_private_key == "/run/secrets/supernode-key"
         key = mounts(svc[name])["/run/secrets/supernode-key"]  # its own key only, read-only
-        assert (key["source"], key["read_only"]) == (str(ROOT / "keys" / name), True)
+        assert (key["source"], key["read_only"]) == (str(files[0].parent / "keys" / name), True)
+
+
+def secrets(directory: Path, nodes: list[str]) -> set[Path]:
+    """Every certificate and key file a deployment in `directory` has on its host."""
+    certs = ["ca", "server", *nodes]
+    return {directory / "certificates" / f"{c}.{ext}" for c in certs for ext in ("crt", "pem", "key")} | {
+        directory / "keys" / f"{n}{ext}" for n in nodes for ext in ("", ".pub")
+    }
+
+
+def readable(service: dict, universe: set[Path], directory: Path) -> set[str]:
+    """The files of `universe` a service can read: bind-mounted themselves or under a mounted
+    directory (a mount of ./certificates exposes ca.key and every node's key)."""
+    sources = [Path(v["source"]) for v in service.get("volumes", []) if v["type"] == "bind"]
+    return {
+        f.relative_to(directory).as_posix()
+        for f in universe
+        if any(f == s or s in f.parents for s in sources)
+    }
+
+
+@STACKS
+def test_each_service_reads_only_its_own_certificate_and_key(files):
+    """Least privilege: ca.crt for all; a key only for its owner; ca.key for nobody; the ClientApp
+    SuperExecs (which run submitted code) and the ServerApp SuperExec see ca.crt only."""
+    svc, directory = services(files), files[0].parent
+    nodes = sorted(n for n in svc if n.startswith("supernode-"))
+    universe = secrets(directory, nodes)
+    for name, service in svc.items():
+        expected: set[str] = set()
+        if is_tls(files):
+            expected = {"certificates/ca.crt"}
+            if name == "superlink":
+                expected |= {"certificates/server.pem", "certificates/server.key"}
+            if name.startswith("supernode-"):
+                expected |= {f"certificates/{name}.pem", f"certificates/{name}.key"}
+        if is_auth(files) and name.startswith("supernode-"):
+            expected |= {f"keys/{name}"}
+        assert readable(service, universe, directory) == expected, name
+        for volume in service.get("volumes", []):
+            if volume["type"] == "bind":
+                assert volume.get("read_only") is True, (name, volume)
+                source = Path(volume["source"])
+                assert source.parent in (directory / "certificates", directory / "keys"), (name, volume)
+
+
+def test_committed_files_are_the_generators_output_for_two_nodes():
+    for name, text in compose_files(2).items():
+        assert (ROOT / name).read_text() == text, (
+            f"{name}: run `python -m fedsparse.deploy compose --nodes 2`"
+        )
+
+
+def test_generator_with_own_data_directories(tmp_path):
+    write_compose(tmp_path, 3, data_root="/srv/glue", context=str(ROOT))
+    svc = services([tmp_path / FILES[0]])
+    for i in (1, 2, 3):
+        assert mounts(svc[f"clientapp-{i}"])["/data"] == {
+            "type": "bind",
+            "source": f"/srv/glue/supernode-{i}",
+            "target": "/data",
+            "read_only": True,
+            "bind": {"create_host_path": True},
+        }
+        assert svc[f"supernode-{i}"]["environment"]["NODE_CONFIG_EXTRA"] == 'data-dir="/data"'
+    volumes = json.loads(compose_config([tmp_path / FILES[0]]).stdout)["volumes"]
+    assert sorted(volumes) == ["results", "server-data", "superlink-state"]
 
 
 def test_image_pins_the_project_versions():
@@ -283,7 +373,9 @@ def test_image_pins_the_project_versions():
     assert re.search(r"^USER app$", dockerfile, re.M) and "ENTRYPOINT" not in dockerfile.split("# ----")[-1]
     for key, value in OFFLINE_ENV.items():
         assert f"{key}={value}" in dockerfile, key
-    assert f'"flwr[simulation]=={FLOWER}"' in (ROOT / "pyproject.toml").read_text()
+    assert re.search(
+        rf'"flwr\[([a-z]+,)*simulation(,[a-z]+)*\]=={FLOWER}"', (ROOT / "pyproject.toml").read_text()
+    )
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".venv", ".git", "outputs", "certificates", "keys"):
         assert path in ignored, path
