@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import method_cfg, tiny_model
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
+from fedsparse import client_app
+from fedsparse.config import compose_config
 from fedsparse.methods import METHODS, build_method
 from fedsparse.methods.index_codec import decode_indices, encode_indices
 from fedsparse.methods.pafi import candidate_parameters, compute_mask
@@ -60,6 +63,20 @@ def test_pafi_per_tensor_scope_takes_the_same_fraction_of_each_tensor():
         assert torch.equal(torch.sort(p.detach().reshape(-1)[idx].abs()).values, smallest)
 
 
+def test_pafi_per_tensor_scope_skips_tensors_too_small_for_one_entry(batch):
+    """round(density x size) entries per tensor: a 32-entry bias at 1% gets none, as under global
+    scope, instead of an error; a density that selects nothing anywhere names the fix."""
+    groups = "attention,ffn,bias,layernorm"
+    method = build_method(tiny_model(), method_cfg("pafi", density=0.01, scope="per_tensor", groups=groups))
+    sizes = {n: idx.numel() for n, idx in zip(method.mask.names, method.mask.indices)}
+    params = dict(tiny_model().named_parameters())
+    assert sizes == {n: round(0.01 * params[n].numel()) for n in sizes}
+    assert sizes["bert.encoder.layer.0.attention.self.query.bias"] == 0 < method.mask.size
+    _train_steps(method, batch, steps=1)
+    with pytest.raises(ValueError, match="selects no entry.*raise the density"):
+        compute_mask(tiny_model(), density=1e-4, scope="per_tensor")
+
+
 def test_pafi_random_select_is_seeded():
     model = tiny_model()
     a = compute_mask(model, density=0.05, select="random", seed=1)
@@ -70,13 +87,13 @@ def test_pafi_random_select_is_seeded():
 
 FINGERPRINT_SCRIPT = """
 import sys; sys.path.insert(0, {tests!r})
-from conftest import tiny_model
-from fedsparse.methods.pafi import compute_mask
-print(compute_mask(tiny_model(), density=0.05).fingerprint)
+from conftest import method_cfg, tiny_model
+from fedsparse.methods import build_method
+print(build_method(tiny_model(), method_cfg("pafi", density=0.05)).fingerprint())
 """
 
 
-def test_fingerprint_is_identical_across_processes_and_changes_with_a_weight():
+def test_fingerprint_is_identical_across_processes():
     tests = str(__import__("pathlib").Path(__file__).parent)
     prints = [
         subprocess.run(
@@ -88,16 +105,90 @@ def test_fingerprint_is_identical_across_processes_and_changes_with_a_weight():
         for _ in range(2)
     ]
     assert len(prints[0]) == 64 and prints[0] == prints[1]
+    assert build_method(tiny_model(), method_cfg("pafi", density=0.05)).fingerprint() == prints[0]
+
+
+# a change of each method's own settings (full and bitfit have none besides name and lr)
+SETTING_CHANGES = {
+    "pafi": {"density": 0.01},
+    "topk": {"index_encoding": "varint"},
+    "hiwi": {"rank": 4},
+    "lora": {"alpha": 8},
+}
+
+
+def _fingerprint(method: str, model=None, **settings) -> str:
+    return build_method(model or tiny_model(), method_cfg(method, **settings)).fingerprint()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_fingerprint_covers_the_checkpoint_and_the_settings(name, batch):
+    method = build_method(tiny_model(), method_cfg(name))
+    before = method.fingerprint()
+    assert len(before) == 64 and _fingerprint(name) == before  # stable across builds
+    _train_steps(method, batch, steps=1)
+    assert method.fingerprint() == before  # taken before training changed any weight
+    assert _fingerprint(name, lr=1.0) == before  # the lr travels with each message
+    if name in SETTING_CHANGES:
+        assert _fingerprint(name, **SETTING_CHANGES[name]) != before
+    for module in ("bert.encoder.layer.1.output.dense.weight", "classifier.weight"):
+        model = tiny_model()
+        with torch.no_grad():
+            model.get_parameter(module).view(-1)[0] += 1e-3  # one pre-trained (or head) weight
+        assert _fingerprint(name, model) != before, module
+    assert _fingerprint(name, tiny_model(seed=1)) != before  # another seed: another head
+
+
+def test_every_method_has_its_own_fingerprint_on_the_same_checkpoint():
+    assert len({_fingerprint(name) for name in METHODS}) == len(METHODS)
+
+
+@pytest.fixture
+def fresh_client_cache():
+    """`client_app` keeps one model per process: start and leave it empty."""
+    client_app._method.cache_clear()
+    yield
+    client_app._method.cache_clear()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_client_on_another_checkpoint_refuses_to_train(name, app_identity, fresh_client_cache, monkeypatch):
+    cfg = compose_config(["model=tiny", f"method={name}"])
+    server = build_method(tiny_model(seed=cfg.seed), cfg.method)
+    wire = server.encode(server.initial_state())
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
+            "config": ConfigRecord({"fingerprint": server.fingerprint(), "server-round": 1}),
+        }
+    )
+    msg = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+    client_app._receive(client_app.client_method(cfg), msg)  # the same checkpoint is accepted
+    client_app._method.cache_clear()
+
+    load = client_app.load_model
+
+    def other_checkpoint(*args, **kwargs):
+        model = load(*args, **kwargs)
+        with torch.no_grad():
+            model.bert.embeddings.word_embeddings.weight[5] += 1e-3  # one token nobody trains on
+        return model
+
+    monkeypatch.setattr(client_app, "load_model", other_checkpoint)
+    context = Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), {})
+    with pytest.raises(RuntimeError, match="Refusing to train"):
+        client_app.handle_train(msg, context, cfg)
+
+
+def test_pafi_fingerprint_covers_the_mask():
     model = tiny_model()
-    assert compute_mask(model, density=0.05).fingerprint == prints[0]
-    name, weight = candidate_parameters(model, "attention,ffn")[0]
+    a = compute_mask(model, density=0.05)
     with torch.no_grad():
+        weight = candidate_parameters(model, "attention,ffn")[0][1]
         weight.view(-1)[weight.detach().abs().argmax()] = 0.0  # the largest entry becomes the smallest
-    changed = compute_mask(model, density=0.05)
-    assert changed.fingerprint != prints[0]
-    with torch.no_grad():
-        weight.view(-1)[0] += 1e-3  # a change that need not move the mask still changes the digest
-    assert compute_mask(model, density=0.05).fingerprint != changed.fingerprint
+    b = compute_mask(model, density=0.05)
+    assert a.fingerprint != b.fingerprint
+    assert a.fingerprint != compute_mask(tiny_model(), density=0.05, select="largest").fingerprint
 
 
 def test_pafi_training_changes_only_masked_entries_and_keeps_small_optimizer_state(batch):
@@ -265,5 +356,8 @@ def test_bad_method_settings_name_the_fix():
         build_method(tiny_model(), method_cfg("pafi", groups="attention,mlp"))
     with pytest.raises(ValueError, match="hiwi.target"):
         build_method(tiny_model(), method_cfg("hiwi", target="ffn_bias3"))
+    for rank in (0, -2):  # rank 0 trained only the head, silently; -2 was a raw torch error
+        with pytest.raises(ValueError, match=f"hiwi.rank={rank}: use a rank >= 1"):
+            build_method(tiny_model(), method_cfg("hiwi", rank=rank))
     with pytest.raises(ValueError, match="Unknown method"):
         build_method(tiny_model(), OmegaConf.create({"name": "diffpruning"}))

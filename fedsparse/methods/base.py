@@ -7,12 +7,14 @@ A method owns a model and exposes its trainable state as one flat float32 vector
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from typing import ClassVar
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
@@ -20,13 +22,27 @@ from transformers import PreTrainedModel
 from fedsparse.model import head_parameter_names
 
 
+def checkpoint_digest(model: PreTrainedModel) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes (the head included: it comes
+    from the seed, so this also catches a seed mismatch)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        data = param.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(param.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy())  # the raw bytes, without a copy
+    return digest.hexdigest()
+
+
 class Method:
     name: ClassVar[str]
     wire_keys: ClassVar[tuple[str, ...]] = ("values",)  # arrays in every message
+    # settings that need not agree between server and clients: the lr travels in each message
+    local_settings: ClassVar[tuple[str, ...]] = ("lr",)
 
     def __init__(self, model: PreTrainedModel, cfg: DictConfig):
         self.model = model
         self.cfg = cfg
+        self._checkpoint = checkpoint_digest(model)  # before the method or training changes a weight
         model.requires_grad_(False)
         named = dict(model.named_parameters())
         self.head = [named[n] for n in head_parameter_names(model)]
@@ -54,8 +70,13 @@ class Method:
         return self.model
 
     def fingerprint(self) -> str:
-        """Digest of whatever both sides must share besides the vector (the PaFi mask)."""
-        return ""
+        """Digest of what both sides must share besides the vector: the pre-trained model the
+        method builds on and the method settings. A client refuses to train on a mismatch."""
+        settings = OmegaConf.to_container(self.cfg, resolve=True)
+        shared = {k: v for k, v in settings.items() if k not in self.local_settings}
+        digest = hashlib.sha256(self._checkpoint.encode())
+        digest.update(json.dumps(shared, sort_keys=True).encode())
+        return digest.hexdigest()
 
     # --- the packed vector ------------------------------------------------------------
     @property

@@ -77,6 +77,8 @@ class HiWi(Method):
                 f"hiwi.exchange must be one of {EXCHANGES} and hiwi.activation one of "
                 f"{tuple(ACTIVATIONS)}; got {cfg.exchange}, {cfg.activation}."
             )
+        if cfg.rank < 1:  # rank 0 would silently train only the head
+            raise ValueError(f"hiwi.rank={cfg.rank}: use a rank >= 1 (default 8).")
         self.sites = ffn_sites(model, cfg.target)
         self.adapters: list[WeightAdapter] = []
         # the pre-trained parameters, kept to express the merged state as a delta

@@ -78,11 +78,12 @@ def _k_extreme(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_entries(tensors: list[torch.Tensor], density: float, select: str, seed: int) -> torch.Tensor:
-    """Flat indices (into the concatenation of `tensors`) of the trainable entries."""
+    """Flat indices (into the concatenation of `tensors`) of the round(density x size) trainable
+    entries; none when that rounds to 0 (a small tensor under `per_tensor` scope)."""
     total = sum(t.numel() for t in tensors)
     k = round(density * total)
-    if not 0 < k <= total:
-        raise ValueError(f"density={density} selects {k} of {total} entries: use 0 < density <= 1.")
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
     if select == "random":
         perm = np.random.default_rng(seed).permutation(total)[:k]
         return torch.from_numpy(np.sort(perm))
@@ -116,6 +117,8 @@ def compute_mask(
             f"pafi.scope must be one of {SCOPES} and pafi.select one of {SELECTS}; "
             f"got scope={scope}, select={select}."
         )
+    if not 0 < density <= 1:
+        raise ValueError(f"pafi.density={density}: use 0 < density <= 1.")
     named = candidate_parameters(model, groups)
     tensors = [p for _, p in named]
     if scope == "global":
@@ -125,6 +128,12 @@ def compute_mask(
         indices = [flat[a:b] - int(lo) for a, b, lo in zip(cuts[:-1], cuts[1:], bounds[:-1])]
     else:
         indices = [select_entries([t], density, select, seed + i) for i, t in enumerate(tensors)]
+    total = sum(t.numel() for t in tensors)
+    if sum(i.numel() for i in indices) == 0:
+        raise ValueError(
+            f"pafi.density={density} selects no entry of the {total} candidates (scope={scope}): "
+            "raise the density or add groups."
+        )
     names = [n for n, _ in named]
     shapes = [tuple(t.shape) for t in tensors]
     digest = hashlib.sha256(
@@ -139,10 +148,8 @@ def compute_mask(
             }
         ).encode()
     )
-    for idx, t in zip(indices, tensors):
+    for idx in indices:  # the weights themselves are in `Method.fingerprint`
         digest.update(idx.numpy().astype("<i8").tobytes())
-        # the frozen weights themselves: a client on another checkpoint must refuse to train
-        digest.update(t.detach().contiguous().numpy().tobytes())
     return Mask(names, shapes, [i.long() for i in indices], digest.hexdigest())
 
 
@@ -199,6 +206,7 @@ def masked_linear_forward(module: nn.Linear, sparse: SparseValues):
 
 class PaFi(Method):
     name = "pafi"
+    local_settings = ("lr", "masked_backward")  # the backward computes the same gradients either way
 
     def __init__(self, model: PreTrainedModel, cfg: DictConfig):
         super().__init__(model, cfg)
@@ -222,7 +230,8 @@ class PaFi(Method):
         return self.values + self.head
 
     def fingerprint(self) -> str:
-        return self.mask.fingerprint
+        """Also the mask itself: the same settings must select the same entries everywhere."""
+        return hashlib.sha256((super().fingerprint() + self.mask.fingerprint).encode()).hexdigest()
 
     def merge(self) -> PreTrainedModel:
         """Fold the values into plain weights; the model is a stock HF model afterwards."""
