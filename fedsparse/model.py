@@ -79,9 +79,9 @@ def load_model(name: str, num_labels: int, seed: int = 0) -> PreTrainedModel:
         torch.manual_seed(seed)
         if name == TINY_BERT:
             return BertForSequenceClassification(tiny_bert_config(num_labels)).eval()
-        try:
+        try:  # float32 whatever the checkpoint stores (transformers 5 would keep a half dtype)
             model = AutoModelForSequenceClassification.from_pretrained(
-                resolve_model_path(name), num_labels=num_labels
+                resolve_model_path(name), num_labels=num_labels, dtype=torch.float32
             )
         except OSError as err:
             raise FileNotFoundError(_missing_model_message(name, err)) from err
