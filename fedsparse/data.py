@@ -40,9 +40,16 @@ class TaskSpec:
     label_names: tuple[str, ...] = field(default=())  # string labels in TSV order -> ids
 
     def label_id(self, raw: str) -> float | int:
+        """The label of one TSV field; ValueError saying what a label must look like."""
         if self.num_labels == 1:
-            return float(raw)
-        return self.label_names.index(raw) if self.label_names else int(raw)
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError(f"label {raw!r} is not a number") from None
+        names = self.label_names or tuple(str(i) for i in range(self.num_labels))
+        if raw not in names:
+            raise ValueError(f"label {raw!r} is not one of {', '.join(names)}")
+        return names.index(raw)
 
 
 NLI2 = ("entailment", "not_entailment")
@@ -111,24 +118,38 @@ def _load_dir(spec: TaskSpec, split: str, glue_dir: str) -> datasets.Dataset:
             f"{path} not found. Point data.glue_dir at a directory with "
             f"{spec.glue_dir}/{_file_for(spec, split)} (GLUE's TSV layout)."
         )
-    return _parse_tsv(spec, path.read_text(encoding="utf-8-sig"))
+    return _parse_tsv(spec, path.read_text(encoding="utf-8-sig"), str(path))
 
 
 @functools.lru_cache(maxsize=4)
 def _load_bundled(spec: TaskSpec, split: str) -> datasets.Dataset:
     path = bundled_asset(BUNDLED[(spec.name, split)])
-    return _parse_tsv(spec, gzip.decompress(path.read_bytes()).decode("utf-8-sig"))
+    return _parse_tsv(spec, gzip.decompress(path.read_bytes()).decode("utf-8-sig"), str(path))
 
 
-def _parse_tsv(spec: TaskSpec, text: str) -> datasets.Dataset:
-    """GLUE TSVs are unquoted: quote characters are text, never delimiters."""
+def _parse_tsv(spec: TaskSpec, text: str, path: str) -> datasets.Dataset:
+    """GLUE TSVs are unquoted: quote characters are text, never delimiters, so each line is
+    one row. Every row must have the first line's number of columns (a stray or missing tab
+    would shift the fields) and a valid label; otherwise the error names the file and line."""
     rows = list(csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
-    if spec.header:
-        rows = rows[1:]
-    columns: dict[str, list] = {
-        f"sentence{i + 1}": [r[c] for r in rows] for i, c in enumerate(spec.text_columns)
-    }
-    columns["label"] = [spec.label_id(r[spec.label_column]) for r in rows]
+    width = len(rows[0]) if rows else 0
+    needed = max(*spec.text_columns, spec.label_column) + 1
+    if rows and width < needed:
+        raise ValueError(
+            f"{path}, line 1: {width} tab-separated columns, but {spec.name} reads column "
+            f"{needed - 1}. Fix: point data.glue_dir at GLUE's {spec.glue_dir} files."
+        )
+    columns: dict[str, list] = {f"sentence{i + 1}": [] for i in range(len(spec.text_columns))}
+    columns["label"] = []
+    for line, row in enumerate(rows[1:] if spec.header else rows, 2 if spec.header else 1):
+        try:
+            if len(row) != width:
+                raise ValueError(f"{len(row)} tab-separated columns, expected {width}")
+            columns["label"].append(spec.label_id(row[spec.label_column]))
+        except ValueError as err:
+            raise ValueError(f"{path}, line {line}: {err}. Fix: repair or delete that line.") from None
+        for i, c in enumerate(spec.text_columns):
+            columns[f"sentence{i + 1}"].append(row[c])
     features = datasets.Features(
         {
             **{k: datasets.Value("string") for k in columns if k != "label"},

@@ -68,6 +68,48 @@ def test_missing_data_errors_name_the_fix(tmp_path):
         load_glue("squad")
 
 
+RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
+
+
+@pytest.mark.parametrize(
+    ("task", "folder", "text", "error"),
+    [
+        (
+            "rte",
+            "RTE",
+            RTE_HEADER + "0\ta\tb\tentailment\n1\ta b\tentailment\n",
+            "line 3: 3 tab-separated columns, expected 4",
+        ),
+        ("rte", "RTE", RTE_HEADER + "0\ta\tb\tentailment\n\n", "line 3: 0 tab-separated columns"),
+        (
+            "rte",
+            "RTE",
+            RTE_HEADER + "0\ta\tb\tmaybe\n",
+            "line 2: label 'maybe' is not one of entailment, not_entailment",
+        ),
+        ("sst2", "SST-2", "sentence\tlabel\ngood\t1\nbad\t2\n", "line 3: label '2' is not one of 0, 1"),
+        ("cola", "CoLA", "gj04\t1\t\tok .\ngj04\tx\t*\tbad .\n", "line 2: label 'x' is not one of 0, 1"),
+        (
+            "stsb",
+            "STS-B",
+            "\t".join("abcdefghij") + "\n" + "\t".join("0123456abc") + "\n",
+            "line 2: label 'c' is not a number",
+        ),
+        (
+            "rte",
+            "RTE",
+            "sentence\tlabel\ngood\t1\n",
+            "line 1: 2 tab-separated columns, but rte reads column 3",
+        ),
+    ],
+)
+def test_a_corrupted_tsv_line_is_named_with_its_file_and_number(task, folder, text, error, tmp_path):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "train.tsv").write_text(text)
+    with pytest.raises(ValueError, match=f"{folder}/train.tsv, {error}"):
+        load_glue(task, "train", "dir", str(tmp_path))
+
+
 def _indexed(n: int, labels: list[int]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {"sentence1": [f"s{i}" for i in range(n)], "label": labels, "idx": list(range(n))}
