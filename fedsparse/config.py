@@ -85,6 +85,16 @@ def finalize(cfg: DictConfig) -> DictConfig:
         (cfg.federation.alpha > 0, "federation.alpha must be > 0"),
         (cfg.train.lr > 0 and cfg.train.batch_size >= 1, "train.lr must be > 0, train.batch_size >= 1"),
         (0 < cfg.train.lr_decay <= 1, "train.lr_decay must be in (0, 1]"),
+        (
+            cfg.train.local_steps is None or cfg.train.local_steps >= 1,
+            "train.local_steps must be >= 1 (or null, with train.local_epochs set)",
+        ),
+        (cfg.train.local_epochs is None or cfg.train.local_epochs > 0, "train.local_epochs must be > 0"),
+        (  # clients take the steps when both are set: the epochs would be silently ignored
+            cfg.train.local_steps is None or cfg.train.local_epochs is None,
+            "set only one of train.local_steps and train.local_epochs "
+            "(e.g. train.local_steps=null train.local_epochs=1)",
+        ),
     ]
     errors = [message for ok, message in checks if not ok]
     if errors:

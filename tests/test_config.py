@@ -53,11 +53,20 @@ def test_pyproject_declares_only_the_bridge_key():
         ("federation.clients_per_round=11", "clients_per_round"),
         ("federation.strategy=fedprox", "strategy"),
         ("mode=serverless", "mode"),
+        ("train.local_steps=-1", r"train.local_steps must be >= 1 \(or null"),  # ran 0 steps, loss -0.0
+        ("train.local_steps=0", "train.local_steps must be >= 1"),
+        ("train.local_epochs=1", "set only one of train.local_steps and train.local_epochs"),
     ],
 )
 def test_bad_values_fail_with_the_fix(override, message):
     with pytest.raises(Exception, match=message):
         compose_config([override])
+
+
+def test_local_epochs_replace_the_steps_and_must_be_positive():
+    assert compose_config(["train.local_steps=null", "train.local_epochs=0.5"]).train.local_epochs == 0.5
+    with pytest.raises(ValueError, match="train.local_epochs must be > 0"):
+        compose_config(["train.local_steps=null", "train.local_epochs=-1"])
 
 
 def test_unknown_run_config_key_names_the_fix():
