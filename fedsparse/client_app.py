@@ -38,19 +38,27 @@ def client_method(cfg: DictConfig) -> Method:
 
 @functools.lru_cache(maxsize=16)
 def _shard(
-    data_yaml: str, source: str, glue_dir: str | None, num_partitions: int, partition_id: int, batch_size: int
+    data_yaml: str,
+    source: str,
+    glue_dir: str | None,
+    num_partitions: int | None,
+    partition_id: int,
+    batch_size: int,
 ) -> DataLoader:
+    """Partition `partition_id` of `num_partitions` of the train split (None: all of it)."""
     cfg = OmegaConf.create(data_yaml)
     fed = cfg.federation
-    shard = partition(
-        train_split(cfg, source, glue_dir),
-        num_partitions,
-        partition_id,
-        fed.partitioner,
-        float(fed.alpha),
-        int(cfg.seed),
-        int(fed.min_partition_size),
-    )
+    shard = train_split(cfg, source, glue_dir)
+    if num_partitions is not None:
+        shard = partition(
+            shard,
+            num_partitions,
+            partition_id,
+            fed.partitioner,
+            float(fed.alpha),
+            int(cfg.seed),
+            int(fed.min_partition_size),
+        )
     return make_loader(
         shard,
         load_tokenizer(cfg.model.name),
@@ -62,20 +70,18 @@ def _shard(
 
 
 def client_shard(cfg: DictConfig, node_config: dict, batch_size: int) -> DataLoader:
-    """This node's partition: `partition-id`/`num-partitions` (and `data-dir`) from its node config."""
+    """This node's training data, from its node config: partition `partition-id` of
+    `num-partitions` of the configured data, or with `data-dir` the whole train split of that
+    data owner's own GLUE directory (splitting it would discard most of the owner's data)."""
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ValueError("The SuperNode needs --node-config 'partition-id=<i> num-partitions=<n>'.")
     source, glue_dir = cfg.data.source, cfg.data.glue_dir
-    if "data-dir" in node_config:  # this data owner's own GLUE directory
-        source, glue_dir = "dir", str(node_config["data-dir"])
+    num_partitions: int | None = int(node_config["num-partitions"])
+    if "data-dir" in node_config:
+        source, glue_dir, num_partitions = "dir", str(node_config["data-dir"]), None
     relevant = OmegaConf.to_yaml({k: cfg[k] for k in ("data", "federation", "model", "task", "seed")})
     return _shard(
-        relevant,
-        source,
-        glue_dir,
-        int(node_config["num-partitions"]),
-        int(node_config["partition-id"]),
-        int(batch_size),
+        relevant, source, glue_dir, num_partitions, int(node_config["partition-id"]), int(batch_size)
     )
 
 
@@ -127,12 +133,13 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: DictConfig) -> Message:
-    """Optional client-side evaluation of the global state on this node's own shard."""
+    """Optional client-side evaluation of the global state on this node's training shard (no
+    held-out data on a node), hence the `shard-train-` keys: not a validation metric."""
     method = client_method(cfg)
     _receive(method, msg)
     loader = client_shard(cfg, context.node_config, int(cfg.train.eval_batch_size))
     metrics = evaluate(method.model, loader, cfg.task.name)
-    record = {f"local-{k}": v for k, v in metrics.items()}
+    record = {f"shard-train-{k}": v for k, v in metrics.items()}
     record["num-examples"] = len(loader.dataset)
     return Message(content=RecordDict({METRICS_KEY: MetricRecord(record)}), reply_to=msg)
 

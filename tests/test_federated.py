@@ -178,7 +178,7 @@ def test_optional_client_side_evaluation_is_recorded(tmp_path):
     cfg = compose_config(BASE + ["federation.evaluate_clients=true", f"output_dir={tmp_path}", "run_name=ce"])
     _, rounds, _ = read_run(run_simulation(cfg))
     for r in rounds[1:]:
-        assert 0.0 <= r["client_eval"]["local-accuracy"] <= 1.0
+        assert 0.0 <= r["client_eval"]["shard-train-accuracy"] <= 1.0  # on the training shards
         comm = r["comm"]
         assert comm["down"]["messages"] == comm["eval_down"]["messages"] == comm["eval_up"]["messages"] == 3
         assert (
@@ -193,7 +193,7 @@ def test_optional_client_side_evaluation_is_recorded(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_GLUE.exists(), reason="needs the GLUE TSVs beside the repo")
-def test_a_nodes_data_dir_replaces_the_configured_data_source():
+def test_a_nodes_data_dir_is_its_whole_training_set():
     from fedsparse.client_app import client_shard
 
     cfg = compose_config(
@@ -209,6 +209,10 @@ def test_a_nodes_data_dir_replaces_the_configured_data_source():
         client_shard(cfg, {"partition-id": i, "num-partitions": 2, "data-dir": str(SHARED_GLUE)}, 8)
         for i in range(2)
     ]
-    assert sum(len(s.dataset) for s in shards) == 2_490  # RTE train, split over the two nodes
+    assert [len(s.dataset) for s in shards] == [2_490, 2_490]  # each owner keeps all of RTE train
+    # the same directory as the run's configured data source is split between the nodes
+    cfg.data.glue_dir = str(SHARED_GLUE)
+    split = [len(client_shard(cfg, {"partition-id": i, "num-partitions": 2}, 8).dataset) for i in range(2)]
+    assert sum(split) == 2_490 and max(split) < 2_490
     with pytest.raises(ValueError, match="partition-id"):
         client_shard(cfg, {"data-dir": str(SHARED_GLUE)}, 8)
