@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from fedsparse import privacy
 from fedsparse.config import from_run_config
 from fedsparse.data import TASKS, partition, train_split
 from fedsparse.methods import Method, build_method
@@ -151,7 +152,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     def resolve(context: Context) -> DictConfig:
         return cfg if cfg is not None else from_run_config(context.run_config)
 
-    @app.train()
+    @app.train(mods=[privacy.client_mod(resolve)])  # SecAgg+ and client-side DP, when configured
     def _train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, resolve(context))
 

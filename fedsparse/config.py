@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsparse.data import TASKS
 from fedsparse.methods import METHODS
+from fedsparse.privacy import config_problems
 from fedsparse.strategy import STRATEGIES
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -96,7 +97,7 @@ def finalize(cfg: DictConfig) -> DictConfig:
             "(e.g. train.local_steps=null train.local_epochs=1)",
         ),
     ]
-    errors = [message for ok, message in checks if not ok]
+    errors = [message for ok, message in checks if not ok] + config_problems(cfg)
     if errors:
         raise ValueError("Invalid configuration: " + "; ".join(errors) + ".")
     if cfg.run_name is None:
@@ -116,6 +117,9 @@ def auto_run_name(cfg: DictConfig) -> str:
     if method.name == "pafi":
         variant = f"{method.select}-d{method.density:g}"
     settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("run_name", "output_dir")}
+    privacy = settings.get("privacy", {})
+    if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
+        settings.pop("privacy", None)  # privacy off trains as before the block existed: same names
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     parts = [
         method.name,

@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from fedsparse import privacy
 from fedsparse.config import from_run_config
 from fedsparse.data import TASKS, dev_split
 from fedsparse.methods import Method, build_method
@@ -63,6 +64,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
     )
     ledger = CommLedger(method.head_size)
     strategy = make_strategy(cfg, method, ledger)
+    runner = privacy.wrap(strategy, cfg)  # the strategy itself unless DP or SecAgg+ is on
     writer = RunWriter(cfg)
     full_bytes = full_model_bytes(num_parameters)
     metric = main_metric(task)
@@ -94,6 +96,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
             "rejected": strategy.rejected.get(server_round, []),
             "sampled": strategy.sampler.sampled.get((server_round, "train"), []),
             "wall_seconds": time.time() - start,
+            **privacy.round_record(cfg, runner, server_round),
         }
         writer.add_round(record)
         history.append(record)
@@ -108,7 +111,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
             "local-epochs": float(cfg.train.local_epochs or 0.0),
         }
     )
-    strategy.start(
+    runner.start(
         grid=grid,
         initial_arrays=ArrayRecord({"values": Array(method.initial_state())}),
         num_rounds=fed.rounds,

@@ -1,0 +1,264 @@
+"""SecAgg+ on the packed update, through Flower 1.41's only SecAgg+ implementation (`privacy.secagg`).
+
+Flower runs SecAgg+ only in its legacy workflow stack (`SecAggPlusWorkflow` inside a
+`DefaultWorkflow`, calling a legacy `Strategy`); the Message-API strategies cannot. This module
+bridges the two without a second copy of the round logic:
+
+- server: `_LegacyBridge` is the legacy strategy. `configure_fit` asks the packed strategy for the
+  round's messages (client sampling, lr schedule, fingerprint) and turns them into `FitIns`;
+  `aggregate_fit` gets only the unmasked *sum* and hands it to the packed strategy as one reply,
+  so its validation, server optimiser, metrics and quorum apply unchanged.
+- client: `secagg_mod` runs Flower's `secaggplus_mod` around the Message-API train handler and
+  converts between the legacy records and ours. A client sends its update (reply minus the
+  global vector it received), not its weights: SecAgg+ clips every entry to
+  [-clipping_range, clipping_range] after scaling by num-examples / max_weight, and updates are
+  small where weights are not.
+- bytes: every SecAgg+ message (four round trips per round) is measured on the grid into the
+  packed strategy's ledger; the masked-vector exchange counts as the round's `train` messages
+  (its upload is the int64 masked vector), the other stages as `secagg-*`.
+
+Precision: the sum is quantised with step 2 * clipping_range / quantization_range on each
+client's scaled update; the mean's error is at most about n * step / sum(n_i / max_weight)
+per entry, hence max_weight = the largest shard (see docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fedsparse.strategy import INFO_KEY, METRICS_KEY, CommLedger, PackedState
+
+log = logging.getLogger("fedsparse")
+TRAIN_STAGE = "collect_masked_vectors"  # the exchange that carries the model: ledgered as "train"
+FINGERPRINT = "fingerprint"
+
+
+def largest_shard(cfg: DictConfig) -> int:
+    """The largest client's num-examples under this config's partitioning (max_weight: auto)."""
+    from fedsparse.data import partition_all, train_split
+
+    fed = cfg.federation
+    shards = partition_all(
+        train_split(cfg), fed.num_clients, fed.partitioner, fed.alpha, cfg.seed, fed.min_partition_size
+    )
+    return max(len(s) for s in shards)
+
+
+class MeteredGrid:
+    """The grid as SecAgg+ uses it, with every message and reply measured into the ledger."""
+
+    def __init__(self, grid: Grid, ledger: CommLedger, current_round: Callable[[], int]):
+        self._grid = grid
+        self._ledger = ledger
+        self._round = current_round
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        kind = "train"
+        for m in messages:
+            stage = m.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE, "")
+            kind = "train" if stage == TRAIN_STAGE else f"secagg-{stage}"
+            self._ledger.add(self._round(), kind, "down", m, None, m.metadata.dst_node_id)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if not r.has_error():
+                self._ledger.add(self._round(), kind, "up", r, None, r.metadata.src_node_id)
+        return replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+@contextlib.contextmanager
+def _off_the_books(strategy: PackedState) -> Iterator[None]:
+    """The packed strategy's own accounting of messages that are never sent as such (the
+    Message-API downlinks it builds, the one-reply sum) goes to a scratch ledger; the real
+    SecAgg+ messages are measured on the grid. Its quorum applies to the clients, not to the sum."""
+    ledger, quorum = strategy.ledger, getattr(strategy, "min_replies", 1)
+    strategy.ledger = CommLedger(ledger.head_size)
+    strategy.min_replies = 1
+    try:
+        yield
+    finally:
+        strategy.ledger, strategy.min_replies = ledger, quorum
+
+
+class _LegacyBridge(LegacyStrategy):
+    """The legacy strategy SecAgg+ calls, delegating every decision to the packed strategy."""
+
+    def __init__(self, packed: PackedState, grid: Grid, initial: ArrayRecord, train_config, evaluate_fn):
+        self.packed = packed
+        self.grid = grid
+        self.initial = initial
+        self.train_config = train_config or ConfigRecord()
+        self.evaluate_fn = evaluate_fn
+        self.round = 0
+        self.notes: dict[int, dict] = {}  # round -> clients, clipped entries, failures
+
+    def initialize_parameters(self, client_manager):
+        return ndarrays_to_parameters([self.initial["values"].numpy()])
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.round = server_round + getattr(self.packed, "round_offset", 0)
+        arrays = ArrayRecord({"values": Array(parameters_to_ndarrays(parameters)[0].astype(np.float32))})
+        with _off_the_books(self.packed):
+            messages = self.packed.configure_train(server_round, arrays, self.train_config, self.grid)
+        proxies = {p.node_id: p for p in client_manager.all().values()}
+        out = []
+        for m in messages:
+            wire = m.content[self.packed.arrayrecord_key]
+            fitins = FitIns(ndarrays_to_parameters([wire["values"].numpy()]), dict(m.content["config"]))
+            out.append((proxies[m.metadata.dst_node_id], fitins))
+        return out
+
+    def aggregate_fit(self, server_round, results, failures):
+        note = self.notes.setdefault(server_round, {})
+        note.update(clients=len(results), failures=[str(f) for f in failures])
+        note["clipped_entries"] = int(sum(res.metrics.get("secagg-clipped", 0) for _, res in results))
+        if not results:
+            return None, {}
+        n = np.array([res.num_examples for _, res in results], dtype=np.float64)
+        mean = parameters_to_ndarrays(results[0][1].parameters)[0]  # every result holds the same sum
+        fingerprints = {res.metrics.get(FINGERPRINT) for _, res in results}
+        metrics = {"num-examples": int(n.sum())}
+        for key in ("train-loss", "train-seconds"):
+            metrics[key] = float(
+                np.dot(n, [float(res.metrics.get(key, 0.0)) for _, res in results]) / n.sum()
+            )
+        values = (self.packed.global_values.astype(np.float64) + mean).astype(np.float32)
+        content = RecordDict(
+            {
+                self.packed.arrayrecord_key: ArrayRecord({"values": Array(values)}),
+                METRICS_KEY: MetricRecord(metrics),
+                INFO_KEY: ConfigRecord({FINGERPRINT: fingerprints.pop() if len(fingerprints) == 1 else ""}),
+            }
+        )
+        reply = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+        with _off_the_books(self.packed):
+            arrays, _ = self.packed.aggregate_train(server_round, [reply])
+        if arrays is None:
+            return None, {}
+        return ndarrays_to_parameters([arrays["values"].numpy()]), {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        if self.evaluate_fn is None:
+            return None
+        values = parameters_to_ndarrays(parameters)[0].astype(np.float32)
+        metrics = self.evaluate_fn(server_round, ArrayRecord({"values": Array(values)}))
+        return (float(metrics.get("loss", 0.0)), dict(metrics)) if metrics is not None else None
+
+
+class SecAggRunner:
+    """Runs the packed strategy's rounds through SecAgg+; `start` matches `Strategy.start`."""
+
+    def __init__(self, strategy: PackedState, cfg: DictConfig):
+        if tuple(strategy.method.wire_keys) != ("values",):
+            raise ValueError(
+                f"SecAgg+ sums one dense vector; {strategy.method.name} sends {strategy.method.wire_keys}"
+            )
+        p = cfg.privacy
+        self.strategy = strategy
+        self.max_weight = float(p.secagg_max_weight or largest_shard(cfg))
+        self.workflow = SecAggPlusWorkflow(
+            num_shares=float(p.secagg_num_shares),
+            reconstruction_threshold=float(p.secagg_threshold),
+            max_weight=self.max_weight,
+            clipping_range=float(p.secagg_clipping_range),
+            quantization_range=int(p.secagg_quantization_range),
+            timeout=float(cfg.federation.wait_timeout),
+        )
+        self.bridge: _LegacyBridge | None = None
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int,
+        train_config=None,
+        evaluate_fn=None,
+        **_,
+    ):
+        self.bridge = _LegacyBridge(self.strategy, grid, initial_arrays, train_config, evaluate_fn)
+        context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        legacy = LegacyContext(context, config=ServerConfig(num_rounds=num_rounds), strategy=self.bridge)
+        metered = MeteredGrid(grid, self.strategy.ledger, lambda: self.bridge.round)
+        DefaultWorkflow(fit_workflow=self.workflow)(metered, legacy)
+
+    def round_record(self, server_round: int) -> dict:
+        """SecAgg+ settings, per-stage bytes and what the clients clipped, for rounds.jsonl."""
+        key = server_round + getattr(self.strategy, "round_offset", 0)
+        stages: dict[str, dict] = {}
+        for e in self.strategy.ledger.rounds.get(key, []):
+            if e["kind"] == "train" or e["kind"].startswith("secagg-"):
+                s = stages.setdefault(e["kind"], {"down": 0, "up": 0, "messages": 0})
+                s[e["direction"]] += e["bytes"]
+                s["messages"] += 1
+        w = self.workflow
+        return {
+            "secagg_stages": stages,
+            "secagg_extra_bytes": sum(v["down"] + v["up"] for k, v in stages.items() if k != "train"),
+            "max_weight": self.max_weight,
+            "clipping_range": w.clipping_range,
+            "quantization_range": w.quantization_range,
+            **(self.bridge.notes.get(server_round, {}) if self.bridge else {}),
+        }
+
+
+def secagg_mod(msg: Message, ctxt: Context, call_next: Callable) -> Message:
+    """Client side: Flower's `secaggplus_mod` for SecAgg+ messages (both protocols send TRAIN
+    messages; only SecAgg+ ones carry its config record), everything else passes through."""
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+    return secaggplus_mod(msg, ctxt, lambda m, c: _legacy_train(m, c, call_next))
+
+
+def _legacy_train(msg: Message, ctxt: Context, call_next: Callable) -> Message:
+    """FitIns -> our train message -> the handler -> FitRes carrying the update."""
+    fitins = recorddict_to_fitins(msg.content, keep_input=True)
+    received = parameters_to_ndarrays(fitins.parameters)[0]
+    msg.content = RecordDict(
+        {"arrays": ArrayRecord({"values": Array(received)}), "config": ConfigRecord(fitins.config)}
+    )
+    reply = call_next(msg, ctxt)
+    if reply.has_error():
+        raise RuntimeError(f"training failed: {reply.error.reason}")
+    update = reply.content["arrays"]["values"].numpy() - received
+    metrics = dict(reply.content[METRICS_KEY])
+    n = int(metrics.pop("num-examples"))
+    state = ctxt.state.config_records[RECORD_KEY_STATE]
+    max_weight, clip = float(state["max_weight"]), float(state["clipping_range"])
+    if n > max_weight:
+        raise ValueError(
+            f"num-examples {n} exceeds the SecAgg+ max_weight {max_weight:g}: the masked sum would "
+            "overflow. Set privacy.secagg_max_weight to at least the largest client's example count."
+        )
+    metrics["secagg-clipped"] = int(np.count_nonzero(np.abs(update) * (n / max_weight) > clip))
+    if metrics["secagg-clipped"]:
+        log.warning(
+            "SecAgg+: %d update entries exceed clipping_range %g and are clipped",
+            metrics["secagg-clipped"],
+            clip,
+        )
+    metrics[FINGERPRINT] = str(reply.content[INFO_KEY][FINGERPRINT])
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([update]), n, metrics)
+    return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
