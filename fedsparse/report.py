@@ -66,11 +66,19 @@ def format_comm_table(history: list[dict]) -> str:
             [rec["round"], len(rec["comm"]["clients"])]
             + [human_bytes(down["per_client"]), human_bytes(up["per_client"])]
             + [human_bytes(up[k] / n) for k in ("values", "head", "indices", "overhead")]
+            + [human_bytes(_other_bytes(rec["comm"]))]
             + [human_bytes(rec["cumulative_bytes"]), f"{100 * rec['ratio_to_full']:.3g}%"]
         )
     header = ["round", "clients", "down/client", "up/client", "up values", "up head", "up indices"]
-    header += ["up overhead", "cumulative", "up vs full"]
-    return "Communication (bytes measured on the serialized Flower messages)\n" + _table(header, rows)
+    header += ["up overhead", "other msgs", "cumulative", "up vs full"]
+    note = "other msgs: all clients, both directions (partition-id queries, SecAgg+ key exchange)"
+    title = "Communication (bytes measured on the serialized Flower messages)\n"
+    return title + _table(header, rows) + "\n" + note
+
+
+def _other_bytes(comm: dict) -> int:
+    """Round bytes outside the train/evaluate exchanges (queries; SecAgg+ setup, keys, unmask)."""
+    return comm["total_bytes"] - sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
 
 
 def load_runs(run_dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
