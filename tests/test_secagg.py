@@ -19,6 +19,7 @@ from fedsparse.client_app import handle_train
 from fedsparse.config import compose_config
 from fedsparse.methods import build_method
 from fedsparse.model import load_model
+from fedsparse.report import format_comm_table, human_bytes
 from fedsparse.sampling import partition_reply
 from fedsparse.secagg import SecAggRunner
 from fedsparse.server_app import make_strategy
@@ -173,6 +174,14 @@ def test_secagg_rounds_are_measured_with_their_extra_messages(secure_round):
     ratio = summary["up"]["per_client"] / plain_up
     assert 1.8 < ratio < 2.3, ratio  # the masked upload is int64: about twice the float32 reply
     assert summary["total_bytes"] >= sum(s["down"] + s["up"] for s in stages.values())
+    history = [
+        {},
+        {"round": 1, "comm": summary, "cumulative_bytes": summary["total_bytes"], "ratio_to_full": 0.1},
+    ]
+    table = format_comm_table(history)  # the printed table shows the key exchange
+    assert (
+        "other msgs" in table and human_bytes(record["secagg_extra_bytes"] + summary["query_bytes"]) in table
+    )
     print(
         f"SecAgg+ upload {summary['up']['per_client']:.0f} B vs plain {plain_up:.0f} B ({ratio:.2f}x); extra {record['secagg_extra_bytes']} B"
     )
