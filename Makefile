@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-containers clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# Only the compose stack in real containers (root; starts its own dockerd; see docs/deployment.md).
+test-containers: $(STAMP)
+	FEDSPARSE_REQUIRE_CONTAINERS=1 $(BIN)/python -m pytest -q -s tests/test_containers.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
