@@ -1,8 +1,9 @@
 """Flower ClientApp: fine-tune only the shared trainable state on this node's GLUE shard.
 
 The frozen pre-trained model is loaded once per process and cached; each message carries only
-the packed trainable state and a small config (round, lr, local steps, batch size, mask
-fingerprint). A client whose own mask has another fingerprint refuses to train.
+the packed trainable state and a small config (round, lr, local steps, batch size, method
+fingerprint). A client whose checkpoint or method settings give another fingerprint refuses to
+train.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from fedsparse import privacy
+from fedsparse import faults, privacy
 from fedsparse.config import from_run_config
 from fedsparse.data import TASKS, partition, train_split
 from fedsparse.methods import Method, build_method
@@ -91,7 +92,7 @@ def _receive(method: Method, msg: Message) -> tuple[np.ndarray, ConfigRecord]:
     config = msg.content["config"]
     if config["fingerprint"] != method.fingerprint():
         raise RuntimeError(
-            "Refusing to train: this client's mask fingerprint "
+            "Refusing to train: this client's method fingerprint "
             f"{method.fingerprint()[:12]} differs from the server's "
             f"{str(config['fingerprint'])[:12]}. Both must load the same checkpoint "
             "with the same method settings."
@@ -105,6 +106,7 @@ def _receive(method: Method, msg: Message) -> tuple[np.ndarray, ConfigRecord]:
 def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
     method = client_method(cfg)
     received, config = _receive(method, msg)
+    faults.maybe_fail(cfg, int(config["server-round"]), int(context.node_config["partition-id"]))
     loader = client_shard(cfg, context.node_config, int(config["batch-size"]))
     start = time.time()
     seed = (

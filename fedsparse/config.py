@@ -21,11 +21,13 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from fedsparse.data import TASKS
+from fedsparse.faults import FAIL_MODES
 from fedsparse.methods import METHODS
 from fedsparse.privacy import config_problems
 from fedsparse.strategy import STRATEGIES
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+NEUTRAL_FEDERATION = {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"}
 RUN_CONFIG_KEY = "overrides"
 MODES = ("federated", "central")
 
@@ -86,6 +88,11 @@ def finalize(cfg: DictConfig) -> DictConfig:
         (cfg.federation.alpha > 0, "federation.alpha must be > 0"),
         (cfg.train.lr > 0 and cfg.train.batch_size >= 1, "train.lr must be > 0, train.batch_size >= 1"),
         (0 < cfg.train.lr_decay <= 1, "train.lr_decay must be in (0, 1]"),
+        (cfg.federation.min_replies >= 1, "federation.min_replies must be >= 1"),
+        (cfg.federation.max_examples >= 1, "federation.max_examples must be >= 1"),
+        (cfg.federation.round_timeout > 0, "federation.round_timeout must be > 0 (seconds)"),
+        (0 <= cfg.federation.fail_rate <= 1, "federation.fail_rate must be in [0, 1]"),
+        (cfg.federation.fail_mode in FAIL_MODES, f"federation.fail_mode must be one of {FAIL_MODES}"),
         (
             cfg.train.local_steps is None or cfg.train.local_steps >= 1,
             "train.local_steps must be >= 1 (or null, with train.local_epochs set)",
@@ -116,10 +123,19 @@ def auto_run_name(cfg: DictConfig) -> str:
     variant = {"hiwi": method.get("exchange"), "topk": method.get("index_encoding")}.get(method.name)
     if method.name == "pafi":
         variant = f"{method.select}-d{method.density:g}"
-    settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("run_name", "output_dir")}
+    settings = OmegaConf.to_container(cfg)
+    for key in ("run_name", "output_dir", "resume", "save_model"):  # where and how, not what is trained
+        settings.pop(key, None)
+    # Settings added after the first results were committed are left out at their neutral value
+    # (the one that trains exactly as before they existed), so finished runs keep their names.
+    federation = settings["federation"]
+    federation.pop("round_timeout", None)
+    for key, neutral in NEUTRAL_FEDERATION.items():
+        if federation.get(key) == neutral:
+            federation.pop(key)
     privacy = settings.get("privacy", {})
     if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
-        settings.pop("privacy", None)  # privacy off trains as before the block existed: same names
+        settings.pop("privacy", None)
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     parts = [
         method.name,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsparse.metrics import main_metric
-from fedsparse.results import read_run
+from fedsparse.results import is_finished, read_run
 
 # Config keys that do not make two runs different experiments (nor does any key named `seed`).
 IGNORED_KEYS = {"run_name", "output_dir", "data.glue_dir", "federation.ray_address", "federation.client_cpus"}
@@ -46,6 +46,8 @@ def format_round(record: dict, total_rounds: int, metric: str) -> str:
     )
     if record["rejected"]:
         line += f" | {len(record['rejected'])} replies dropped"
+    if record.get("skipped"):
+        line += f" | round skipped: {record['skipped']}"
     return line
 
 
@@ -82,11 +84,11 @@ def _other_bytes(comm: dict) -> int:
 
 
 def load_runs(run_dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
-    """The finished runs as {dir, config, rounds, summary}, and the unfinished ones (a config.yaml but
-    no summary.json yet); raises for a directory that holds no run."""
+    """The finished runs as {dir, config, rounds, summary}, and the unfinished ones (a config.yaml
+    and a summary saying `finished: false`, or none yet); raises for a directory holding no run."""
     runs, unfinished = [], []
     for d in map(Path, run_dirs):
-        if (d / "config.yaml").exists() and not (d / "summary.json").exists():
+        if (d / "config.yaml").exists() and not is_finished(d):
             unfinished.append(d)
             continue
         config, rounds, summary = read_run(d)

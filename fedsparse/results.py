@@ -11,14 +11,22 @@ from fedsparse.config import run_dir
 
 
 class RunWriter:
-    """Writes `<output_dir>/<run_name>/{config.yaml, rounds.jsonl, summary.json}` as the run goes."""
+    """Writes `<output_dir>/<run_name>/{config.yaml, rounds.jsonl, summary.json}` as the run goes.
 
-    def __init__(self, cfg: DictConfig):
+    A new run refuses a directory that already holds files (it would mix two runs' results);
+    a resumed run rewrites `rounds.jsonl` from its checkpoint, dropping any round recorded
+    after the checkpoint was taken.
+    """
+
+    def __init__(self, cfg: DictConfig, resumed_history: list[dict] | None = None):
         self.dir = run_dir(cfg)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         self.rounds_path = self.dir / "rounds.jsonl"
-        self.rounds_path.write_text("")
+        if resumed_history is None:
+            refuse_existing_run(cfg)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg))
+            resumed_history = []
+        _write_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in resumed_history))
 
     def add_round(self, record: dict) -> None:
         with self.rounds_path.open("a") as f:
@@ -26,17 +34,48 @@ class RunWriter:
 
     def write_summary(self, summary: dict) -> Path:
         path = self.dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(path)  # never leave a half-written summary behind
+        _write_atomic(path, json.dumps(summary, indent=2))
         return path
+
+
+def refuse_existing_run(cfg: DictConfig) -> None:
+    """A new run never writes into another run's directory (it would mix two runs' results)."""
+    path = run_dir(cfg)
+    if not cfg.get("resume") and (path / "config.yaml").exists():
+        raise FileExistsError(
+            f"{path} already holds a run. Continue it with resume={path}, or choose another "
+            "run_name (or output_dir)."
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Never leave a half-written file behind: write a sibling, then rename it over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def is_finished(path: str | Path) -> bool:
+    """A run directory whose summary says the last round is done (summaries written before
+    per-round summaries existed were only written at the end)."""
+    summary = Path(path) / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("finished", True)
+
+
+def progress(path: str | Path) -> str:
+    """`round r/R` of a run directory from its summary, or `not started`."""
+    summary = Path(path) / "summary.json"
+    if not summary.exists():
+        return "no round finished"
+    data = json.loads(summary.read_text())
+    return f"round {data.get('rounds_done', '?')}/{data.get('rounds', '?')}"
 
 
 def finished(cfg: DictConfig) -> bool:
     """True when this exact run already completed (sweeps skip it); raises if the run directory
     holds another configuration, which would otherwise be overwritten."""
     path = run_dir(cfg)
-    if not (path / "summary.json").exists():
+    if not is_finished(path):
         return False
     saved = OmegaConf.load(path / "config.yaml")
     if saved != cfg:
@@ -52,7 +91,9 @@ def read_run(path: str | Path) -> tuple[dict, list[dict], dict]:
     path = Path(path)
     missing = [n for n in ("config.yaml", "summary.json") if not (path / n).exists()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a finished fedsparse run (missing {', '.join(missing)}).")
+        raise FileNotFoundError(
+            f"{path} is not a fedsparse run with a finished round (missing {', '.join(missing)})."
+        )
     config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
     rounds_file = path / "rounds.jsonl"
     rounds = (

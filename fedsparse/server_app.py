@@ -1,26 +1,22 @@
 """Flower ServerApp: samples clients, aggregates packed vectors, evaluates centrally on GLUE dev,
-and writes the run directory (config, per-round JSON lines, summary)."""
+and writes the run directory (config, per-round JSON lines, summary, checkpoint, merged model)."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fedsparse import privacy
-from fedsparse.config import from_run_config
+from fedsparse import checkpoint, privacy
+from fedsparse.config import from_run_config, run_dir
 from fedsparse.data import TASKS, dev_split
 from fedsparse.methods import Method, build_method
-from fedsparse.metrics import main_metric
 from fedsparse.model import load_model, load_tokenizer
-from fedsparse.report import format_comm_table, format_round, plot_runs
-from fedsparse.results import RunWriter
+from fedsparse.recorder import RoundRecorder
 from fedsparse.sampling import ClientSampler
 from fedsparse.strategy import STRATEGIES, CommLedger, PackedState, wire_bytes
-from fedsparse.train import evaluate, make_loader
+from fedsparse.train import make_loader
 
 
 def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> PackedState:
@@ -39,7 +35,13 @@ def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> Packed
     elif fed.strategy == "fedadam":
         kwargs.update(eta=fed.server_lr_adam, eta_l=cfg.train.lr)
     return STRATEGIES[fed.strategy](
-        method=method, ledger=ledger, sampler=sampler, lr_decay=float(cfg.train.lr_decay), **kwargs
+        method=method,
+        ledger=ledger,
+        sampler=sampler,
+        lr_decay=float(cfg.train.lr_decay),
+        min_replies=int(fed.min_replies),
+        max_examples=int(fed.max_examples),
+        **kwargs,
     )
 
 
@@ -50,10 +52,12 @@ def full_model_bytes(num_parameters: int) -> int:
 
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict:
-    """One federated run; returns the summary that is also written to summary.json."""
+    """One federated run (or the rest of one, with `resume=<run dir>`); returns the summary
+    that is also written to summary.json."""
+    if cfg.resume:
+        cfg = checkpoint.resume_config(cfg.resume)
     task = cfg.task.name
     model = load_model(cfg.model.name, TASKS[task].num_labels, cfg.seed)
-    num_parameters = sum(p.numel() for p in model.parameters())
     method = build_method(model, cfg.method)
     dev_loader = make_loader(
         dev_split(cfg),
@@ -62,47 +66,25 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
         cfg.train.eval_batch_size,
         shuffle=False,
     )
-    ledger = CommLedger(method.head_size)
-    strategy = make_strategy(cfg, method, ledger)
+    strategy = make_strategy(cfg, method, CommLedger(method.head_size))
     runner = privacy.wrap(strategy, cfg)  # the strategy itself unless DP or SecAgg+ is on
-    writer = RunWriter(cfg)
-    full_bytes = full_model_bytes(num_parameters)
-    metric = main_metric(task)
+    recorder = RoundRecorder(
+        cfg,
+        method,
+        strategy,
+        dev_loader,
+        full_model_bytes(sum(p.numel() for p in model.parameters())),
+        resumed=checkpoint.load(run_dir(cfg)) if cfg.resume else None,
+        extra_fields=lambda server_round: privacy.round_record(cfg, runner, server_round),
+    )
     fed = cfg.federation
     print(
         f"fedsparse: {cfg.method.name} on {task} ({cfg.model.name}), {fed.num_clients} clients, "
         f"{fed.clients_per_round}/round, {fed.rounds} rounds, {fed.partitioner} alpha={fed.alpha}; "
-        f"{method.num_values():,} values per message; results -> {writer.dir}",
+        f"{method.num_values():,} values per message; results -> {recorder.dir}"
+        + (f"; resuming after round {recorder.done}" if cfg.resume else ""),
         flush=True,
     )
-    start = time.time()
-    history: list[dict] = []
-    cumulative = 0
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        nonlocal cumulative
-        method.unpack(arrays["values"].numpy())
-        metrics = evaluate(method.model, dev_loader, task)
-        comm = ledger.summary(server_round)
-        cumulative += comm["total_bytes"]
-        record = {
-            "round": server_round,
-            "dev": metrics,
-            "comm": comm,
-            "cumulative_bytes": cumulative,
-            "ratio_to_full": comm["up"]["per_client"] / full_bytes,
-            "train": dict(strategy.train_metrics.get(server_round, {})),
-            "client_eval": dict(strategy.client_eval.get(server_round, {})),
-            "rejected": strategy.rejected.get(server_round, []),
-            "sampled": strategy.sampler.sampled.get((server_round, "train"), []),
-            "wall_seconds": time.time() - start,
-            **privacy.round_record(cfg, runner, server_round),
-        }
-        writer.add_round(record)
-        history.append(record)
-        print(format_round(record, fed.rounds, metric), flush=True)
-        return MetricRecord(metrics)
-
     train_config = ConfigRecord(
         {
             "lr": float(cfg.train.lr),
@@ -113,45 +95,13 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
     )
     runner.start(
         grid=grid,
-        initial_arrays=ArrayRecord({"values": Array(method.initial_state())}),
-        num_rounds=fed.rounds,
+        initial_arrays=ArrayRecord({"values": Array(recorder.start_values)}),
+        num_rounds=fed.rounds - recorder.done,
+        timeout=float(fed.round_timeout),
         train_config=train_config,
-        evaluate_fn=evaluate_fn,
+        evaluate_fn=recorder.evaluate,
     )
-    final = history[-1]
-    summary = {
-        "mode": "federated",
-        "method": cfg.method.name,
-        "task": task,
-        "model": cfg.model.name,
-        "rounds": fed.rounds,
-        "metric": metric,
-        "final": final["dev"],
-        "best": max((h["dev"][metric] for h in history[1:]), default=None),
-        "values_per_message": method.num_values(),
-        "trainable_values": method.num_trainable(),
-        "head_values": method.head_size,
-        "model_parameters": num_parameters,
-        "full_model_message_bytes": full_bytes,
-        "fingerprint": method.fingerprint(),
-        "bytes_down": sum(h["comm"][d]["bytes"] for h in history for d in ("down", "eval_down")),
-        "bytes_up": sum(h["comm"][d]["bytes"] for h in history for d in ("up", "eval_up")),
-        "mean_up_per_client": float(np.mean([h["comm"]["up"]["per_client"] for h in history[1:]])),
-        "mean_down_per_client": float(np.mean([h["comm"]["down"]["per_client"] for h in history[1:]])),
-        "rejected_replies": sum(len(h["rejected"]) for h in history),
-        "wall_seconds": time.time() - start,
-    }
-    writer.write_summary(summary)
-    print(format_comm_table(history), flush=True)
-    run = {
-        "dir": str(writer.dir),
-        "summary": summary,
-        "rounds": history,
-        "config": OmegaConf.to_container(cfg),
-    }
-    plots = plot_runs([run], writer.dir)
-    print(f"results: {writer.dir}\nplots: {', '.join(str(p) for p in plots)}", flush=True)
-    return summary
+    return recorder.finish()
 
 
 def make_server_app(cfg: DictConfig | None = None) -> ServerApp:

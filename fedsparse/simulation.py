@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from fedsparse.client_app import make_client_app
 from fedsparse.config import run_dir
 from fedsparse.data import format_label_histograms, label_histograms, partition_all, train_split
+from fedsparse.results import is_finished, progress, refuse_existing_run
 from fedsparse.server_app import make_server_app
 
 
@@ -60,6 +61,7 @@ def environment(**variables: str) -> Iterator[None]:
 
 def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     """Simulate `federation.num_clients` nodes; returns the run directory."""
+    refuse_existing_run(cfg)  # before anything is written or started
     describe_shards(cfg, run_dir(cfg))
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only: keep Ray quiet
@@ -78,9 +80,9 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
             verbose_logging=verbose,
         )
     out = run_dir(cfg)
-    if not (out / "summary.json").exists():
+    if not is_finished(out):
         raise RuntimeError(
-            f"The simulation ended without writing {out / 'summary.json'}: "
+            f"The simulation ended before its last round ({progress(out)} in {out}): "
             "see the Flower log above for the error (rerun with verbose logging)."
         )
     return out

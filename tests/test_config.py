@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fedsparse.config import compose_config, from_run_config, to_run_config
+from fedsparse.config import auto_run_name, compose_config, from_run_config, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
 
 
 def _plain(cfg):
@@ -122,3 +124,18 @@ def test_a_finished_run_is_skipped_and_another_config_refused(tmp_path):
     clash = compose_config([f"run_name={cfg.run_name}", f"output_dir={tmp_path}", "seed=5"])
     with pytest.raises(FileExistsError, match="another configuration"):
         finished(clash)
+
+
+def test_committed_results_keep_their_auto_names():
+    """Settings added later stay out of the name at their neutral value, so sweeps still find
+    (and skip) the runs committed before those settings existed."""
+    named = [
+        c
+        for c in sorted(RESULTS.glob("*/*/config.yaml"))
+        if re.fullmatch(r".+-s\d+-[0-9a-f]{6}", c.parent.name) and OmegaConf.load(c).run_name == c.parent.name
+    ]
+    assert named, "no auto-named results committed"
+    for path in named:
+        saved = OmegaConf.load(path)
+        current = OmegaConf.merge(compose_config([f"method={saved.method.name}"]), saved)
+        assert auto_run_name(current) == path.parent.name

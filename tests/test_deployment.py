@@ -39,8 +39,9 @@ OVERRIDES = [
 ]
 
 
-def deploy(tmp_path: Path, tls: Path | None = None) -> Path:
-    """Run 2 rounds of PaFi on SuperLink + 2 SuperNodes; returns the run directory."""
+def deploy(tmp_path: Path, tls: Path | None = None, rounds: int = 2, extra: tuple[str, ...] = ()) -> Path:
+    """Run `rounds` rounds of PaFi (with `extra` overrides) on SuperLink + 2 SuperNodes; returns the
+    run directory."""
     home, port = tmp_path / "flwr-home", free_port()
     write_connection(home, "loopback", port, root_certificates=tls / "ca.crt" if tls else None)
     env = flower_env(home)
@@ -92,9 +93,15 @@ def deploy(tmp_path: Path, tls: Path | None = None) -> Path:
                 ],
                 env,
             )
-        run = flwr_run("loopback", " ".join(OVERRIDES + [f"output_dir={out}", "run_name=deployed"]), env)
+        settings = OVERRIDES + [
+            f"federation.rounds={rounds}",
+            *extra,
+            f"output_dir={out}",
+            "run_name=deployed",
+        ]
+        run = flwr_run("loopback", " ".join(settings), env)
         assert run.returncode == 0, run.stdout + run.stderr
-        assert "[round 2/2]" in run.stdout
+        assert f"[round {rounds}/{rounds}]" in run.stdout
         if tls:  # the same SuperLink refuses a client that does not speak TLS
             write_connection(home, "plaintext", port)
             plain = subprocess.run(

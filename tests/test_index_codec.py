@@ -222,7 +222,7 @@ def _reply(wire: dict[str, np.ndarray], weight: float, fingerprint: str) -> Mess
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
-            "metrics": MetricRecord({"num-examples": weight}),
+            "metrics": MetricRecord({"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0}),
             "info": ConfigRecord({"fingerprint": fingerprint}),
         }
     )

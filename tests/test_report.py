@@ -161,7 +161,7 @@ def test_cli_on_run_directories_lists_unfinished_runs(experiment, tmp_path, caps
     assert main([*map(str, sorted(experiment.iterdir())), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "hiwi[merged]" in out and "0.8200 ± 0.0200" in out
-    assert f"Unfinished (no summary.json): `{unfinished.name}`" in out
+    assert f"Unfinished, not in the tables: `{unfinished.name}` (no round finished)" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "bytes_per_round.png",
         "metric_vs_bytes.png",
