@@ -102,7 +102,7 @@ class _PackedDp:
     num_sampled_clients: int
 
     def _setup(self, population: int, delta: float) -> None:
-        self.rounds: dict[int, dict] = {}  # workflow round -> what was released and spent
+        self.rounds: dict[int, dict] = {}  # round (counting resumed ones) -> what was released and spent
         self.rdp = None
         if self.noise_multiplier > 0:
             config = PrivacyConfig(
@@ -142,7 +142,7 @@ class _PackedDp:
         elif over and isinstance(self, DifferentialPrivacyClientSideFixedClipping):
             reason = f"{over} client updates exceed clipping_norm (not clipped by the client)"
         if reason:
-            self.rounds[server_round] = {**record, "released": False, "reason": reason}
+            self.rounds[key] = {**record, "released": False, "reason": reason}
             return None, None
         arrays = self._add_noise_to_aggregated_arrays(arrays)
         record.update(
@@ -159,7 +159,7 @@ class _PackedDp:
             )
             spent = self.rdp.get_privacy_spent()
             record.update(epsilon=spent.epsilon, delta=spent.delta, releases=spent.num_releases)
-        self.rounds[server_round] = record
+        self.rounds[key] = record
         return arrays, metrics
 
 
@@ -188,6 +188,11 @@ def wrap(strategy: PackedState, cfg: DictConfig):
         return SecAggRunner(strategy, cfg)
     if p.dp not in CENTRAL:
         return strategy
+    if cfg.get("resume"):
+        raise ValueError(
+            "Resuming a central-DP run is not supported: the privacy accountant is not checkpointed, "
+            "so the reported epsilon would restart from 0. Start the run again instead."
+        )
     cls = ServerSideDp if p.dp == "server" else ClientSideDp
     wrapped = cls(
         strategy, float(p.noise_multiplier), float(p.clipping_norm), cfg.federation.clients_per_round
@@ -204,7 +209,7 @@ def local_noise_std(cfg: DictConfig) -> float:
 
 
 def round_record(cfg: DictConfig, runner, server_round: int) -> dict:
-    """The `privacy` entry of a rounds.jsonl line ({} when privacy is off)."""
+    """The `privacy` entry of a rounds.jsonl line ({} when privacy is off); rounds count resumed ones."""
     p = cfg.get("privacy")
     if p is None or (p.dp == "none" and not p.secagg) or server_round == 0:
         return {}

@@ -107,7 +107,9 @@ class _LegacyBridge(LegacyStrategy):
         self.train_config = train_config or ConfigRecord()
         self.evaluate_fn = evaluate_fn
         self.round = 0
-        self.notes: dict[int, dict] = {}  # round -> clients, clipped entries, failures
+        self.notes: dict[
+            int, dict
+        ] = {}  # round (counting resumed ones) -> clients, clipped entries, failures
 
     def initialize_parameters(self, client_manager):
         return ndarrays_to_parameters([self.initial["values"].numpy()])
@@ -126,7 +128,7 @@ class _LegacyBridge(LegacyStrategy):
         return out
 
     def aggregate_fit(self, server_round, results, failures):
-        note = self.notes.setdefault(server_round, {})
+        note = self.notes.setdefault(self.round, {})
         note.update(clients=len(results), failures=[str(f) for f in failures])
         note["clipped_entries"] = int(sum(res.metrics.get("secagg-clipped", 0) for _, res in results))
         if not results:
@@ -205,10 +207,10 @@ class SecAggRunner:
         DefaultWorkflow(fit_workflow=self.workflow)(metered, legacy)
 
     def round_record(self, server_round: int) -> dict:
-        """SecAgg+ settings, per-stage bytes and what the clients clipped, for rounds.jsonl."""
-        key = server_round + getattr(self.strategy, "round_offset", 0)
+        """SecAgg+ settings, per-stage bytes and what the clients clipped, for rounds.jsonl
+        (`server_round` counts the rounds of a resumed run, as the ledger does)."""
         stages: dict[str, dict] = {}
-        for e in self.strategy.ledger.rounds.get(key, []):
+        for e in self.strategy.ledger.rounds.get(server_round, []):
             if e["kind"] == "train" or e["kind"].startswith("secagg-"):
                 s = stages.setdefault(e["kind"], {"down": 0, "up": 0, "messages": 0})
                 s[e["direction"]] += e["bytes"]

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClippin
 
 from fedsparse.config import compose_config
 from fedsparse.methods import build_method
-from fedsparse.privacy import ClientSideDp, ServerSideDp, client_mod, local_noise_std, round_record
+from fedsparse.privacy import ClientSideDp, ServerSideDp, client_mod, local_noise_std, round_record, wrap
 
 N, C = 4, 0.5  # sampled clients, clipping norm
 
@@ -183,3 +183,11 @@ def test_flower_adaptive_clipping_moves_the_norm_the_wrong_way():
 def test_unsupported_combinations_are_refused_with_the_reason(overrides, why):
     with pytest.raises(ValueError, match=why):
         compose_config(["model=tiny"] + overrides)
+
+
+def test_resuming_a_central_dp_run_is_refused(strategy):
+    cfg = compose_config(["model=tiny", "privacy.dp=server"])
+    assert isinstance(wrap(strategy, cfg), ServerSideDp)
+    cfg.resume = "outputs/some-run"  # the accountant is not checkpointed: epsilon would restart
+    with pytest.raises(ValueError, match="accountant"):
+        wrap(strategy, cfg)
