@@ -20,6 +20,7 @@ from fedsparse.config import compose_config
 from fedsparse.methods import build_method
 from fedsparse.model import load_model
 from fedsparse.report import format_comm_table, human_bytes
+from fedsparse.results import read_run
 from fedsparse.sampling import partition_reply
 from fedsparse.secagg import SecAggRunner
 from fedsparse.server_app import make_strategy
@@ -185,3 +186,21 @@ def test_secagg_rounds_are_measured_with_their_extra_messages(secure_round):
     print(
         f"SecAgg+ upload {summary['up']['per_client']:.0f} B vs plain {plain_up:.0f} B ({ratio:.2f}x); extra {record['secagg_extra_bytes']} B"
     )
+
+
+def test_secagg_in_a_loopback_deployment(tmp_path):
+    """A real SuperLink and two SuperNodes through `flwr run`, with the deployment test's harness.
+    One round: each SecAgg+ stage is a message, and a SuperNode starts a ClientApp process per
+    message (5 per node here, with the partition-id query)."""
+    import test_deployment
+
+    _, rounds, summary = read_run(test_deployment.deploy(tmp_path, rounds=1, extra=("privacy.secagg=true",)))
+    assert summary["rounds"] == 1 and len(rounds) == 2
+    for r in rounds[1:]:
+        record = r["privacy"]
+        assert record["clients"] == 2 and not record["failures"] and record["clipped_entries"] == 0
+        assert set(record["secagg_stages"]) == {"secagg-setup", "secagg-share_keys", "train", "secagg-unmask"}
+        up = r["comm"]["up"]
+        assert up["messages"] == 2 and up["values"] == 0  # only masked vectors came up
+        assert up["per_client"] > 1.8 * 4 * summary["values_per_message"]  # int64, not float32
+        assert r["train"]["train-loss"] > 0
