@@ -198,8 +198,11 @@ class SecAggRunner:
         num_rounds: int,
         train_config=None,
         evaluate_fn=None,
-        **_,
-    ):
+        timeout: float | None = None,
+    ) -> None:
+        """`timeout`: seconds each SecAgg+ stage waits for replies (federation.round_timeout)."""
+        if timeout is not None:
+            self.workflow.timeout = timeout
         self.bridge = _LegacyBridge(self.strategy, grid, initial_arrays, train_config, evaluate_fn)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=num_rounds), strategy=self.bridge)
