@@ -27,6 +27,7 @@ from containers import (
     unavailable,
 )
 from flower_procs import ROOT, flower_env, flwr_run, write_connection
+from test_compose import parsed, services
 from test_deployment import OVERRIDES, _assert_matches_simulation, simulated  # noqa: F401 (fixture)
 
 from fedsparse.deploy import FILES, write_compose
@@ -98,3 +99,26 @@ def _stack(tmp_path: Path, daemon: dict, tls: bool) -> dict:
 def test_compose_stack_in_containers_matches_simulation(tmp_path, daemon, simulated, tls):  # noqa: F811
     _stack(tmp_path, daemon, tls)
     _assert_matches_simulation(tmp_path / "deployed", simulated)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_host_network_override_binds_everything_to_loopback(tmp_path, tls):
+    """No daemon needed: the override the container test uses leaves no bridge network, no
+    published port, no service-name address and no 0.0.0.0, and Flower still parses every command."""
+    write_compose(tmp_path, 2, context=str(ROOT))
+    files = [tmp_path / name for name in FILES[: 2 if tls else 1]]
+    ports = host_network_override(files, tmp_path / "host-network.yml")
+    files.append(tmp_path / "host-network.yml")
+    assert len(set(ports.values())) == 3
+    for name, service in services(files).items():
+        assert service["network_mode"] == "host" and not service.get("ports"), name
+        assert not service.get("networks"), name
+    for name, (program, args, argv) in parsed(files).items():
+        addresses = [a for a in argv if ":" in a and a[0].isdigit()]
+        assert all(a.startswith("127.0.0.1:") for a in addresses), (name, argv)
+        assert "0.0.0.0" not in argv, (name, argv)
+        if program == "flower-superexec":  # the ServerApp's at the SuperLink, a ClientApp's at its node
+            target = "superlink" if name == "serverapp" else name.replace("clientapp", "supernode")
+            assert args.runtime_api_address == f"127.0.0.1:{ports[target]}", name
+        else:
+            assert (args.host, args.port) == ("127.0.0.1", ports[name]), name
