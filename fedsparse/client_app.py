@@ -9,6 +9,7 @@ train.
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 
 import numpy as np
@@ -16,15 +17,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
-from fedsparse import faults, privacy
+from fedsparse import cache, faults, privacy
 from fedsparse.config import from_run_config
-from fedsparse.data import TASKS, partition, train_split
+from fedsparse.data import TASKS, partition, source_file, train_split
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
 from fedsparse.sampling import partition_reply
 from fedsparse.strategy import INFO_KEY, METRICS_KEY
-from fedsparse.train import evaluate, make_loader, train
+from fedsparse.train import encode, encoded_loader, evaluate, train
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,6 +40,33 @@ def client_method(cfg: DictConfig) -> Method:
     return _method(cfg.model.name, cfg.task.name, int(cfg.seed), OmegaConf.to_yaml(cfg.method))
 
 
+def shard_entry(
+    cfg: DictConfig,
+    source: str,
+    glue_dir: str | None,
+    num_partitions: int | None,
+    partition_id: int,
+    tokenizer: PreTrainedTokenizerBase,
+) -> str | None:
+    """The disk-cache entry of a tokenised shard, keyed by everything the shard depends on: the
+    data file's bytes, the data settings, the partitioning, the seed and the tokenizer's full
+    definition. None (not cached) for hub data (no local file) or a slow tokenizer."""
+    data_file = source_file(cfg.task.name, "train", source, glue_dir)
+    if data_file is None or not tokenizer.is_fast:
+        return None
+    fed = cfg.federation
+    return cache.key(
+        "shard",
+        data=OmegaConf.to_container(cfg.data, resolve=True),
+        task=cfg.task.name,
+        seed=int(cfg.seed),
+        partitioning=[fed.partitioner, float(fed.alpha), int(fed.min_partition_size)],
+        partition=[source, num_partitions, partition_id],
+        file=cache.file_digest(data_file),
+        tokenizer=hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _shard(
     data_yaml: str,
@@ -47,27 +76,31 @@ def _shard(
     partition_id: int,
     batch_size: int,
 ) -> DataLoader:
-    """Partition `partition_id` of `num_partitions` of the train split (None: all of it)."""
+    """Partition `partition_id` of `num_partitions` of the train split (None: all of it),
+    tokenised through the node's disk cache: a deployment process serves one message, so this
+    lru_cache only hits in simulation."""
     cfg = OmegaConf.create(data_yaml)
     fed = cfg.federation
-    shard = train_split(cfg, source, glue_dir)
-    if num_partitions is not None:
-        shard = partition(
-            shard,
-            num_partitions,
-            partition_id,
-            fed.partitioner,
-            float(fed.alpha),
-            int(cfg.seed),
-            int(fed.min_partition_size),
-        )
-    return make_loader(
-        shard,
-        load_tokenizer(cfg.model.name),
-        int(cfg.data.max_length),
-        batch_size,
-        shuffle=True,
-        seed=int(cfg.seed) + partition_id,
+    tokenizer = load_tokenizer(cfg.model.name)
+
+    def tokenised_shard() -> cache.Encoding:
+        shard = train_split(cfg, source, glue_dir)
+        if num_partitions is not None:
+            shard = partition(
+                shard,
+                num_partitions,
+                partition_id,
+                fed.partitioner,
+                float(fed.alpha),
+                int(cfg.seed),
+                int(fed.min_partition_size),
+            )
+        return encode(shard, tokenizer, int(cfg.data.max_length))
+
+    entry = shard_entry(cfg, source, glue_dir, num_partitions, partition_id, tokenizer)
+    encoded, labels = cache.cached_encoding(entry, tokenised_shard)
+    return encoded_loader(
+        encoded, labels, tokenizer, batch_size, shuffle=True, seed=int(cfg.seed) + partition_id
     )
 
 

@@ -15,14 +15,16 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 from omegaconf import DictConfig
 
-datasets.disable_progress_bars()  # per-client shards would flood the console
+if TYPE_CHECKING:  # imported when data is read: a ClientApp with a warm cache needs neither
+    import datasets  # with pandas, ~1.3 s
+    from flwr_datasets.partitioner import Partitioner  # with matplotlib and seaborn, ~2 s
+
 SPLITS = ("train", "validation")
 SOURCES = ("auto", "dir", "bundled", "hub")
 
@@ -106,6 +108,16 @@ def load_glue(
     return _load_hub(spec, split)
 
 
+def source_file(task: str, split: str, source: str = "auto", glue_dir: str | None = None) -> Path | None:
+    """The local file `load_glue` reads this split from (None: the hub), for cache keys."""
+    if source == "auto":
+        source = "dir" if glue_dir else "bundled" if (task, split) in BUNDLED else "hub"
+    spec = task_spec(task)
+    if source == "dir" and glue_dir:
+        return Path(glue_dir).expanduser().resolve() / spec.glue_dir / _file_for(spec, split)
+    return bundled_asset(BUNDLED[(task, split)]) if source == "bundled" and (task, split) in BUNDLED else None
+
+
 def _file_for(spec: TaskSpec, split: str) -> str:
     return "train.tsv" if split == "train" else f"{spec.dev_split}.tsv"
 
@@ -125,6 +137,14 @@ def _load_dir(spec: TaskSpec, split: str, glue_dir: str) -> datasets.Dataset:
 def _load_bundled(spec: TaskSpec, split: str) -> datasets.Dataset:
     path = bundled_asset(BUNDLED[(spec.name, split)])
     return _parse_tsv(spec, gzip.decompress(path.read_bytes()).decode("utf-8-sig"), str(path))
+
+
+def _datasets():
+    """The `datasets` module, imported on first use (see TYPE_CHECKING above)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # per-client shards would flood the console
+    return datasets
 
 
 def _parse_tsv(spec: TaskSpec, text: str, path: str) -> datasets.Dataset:
@@ -150,20 +170,21 @@ def _parse_tsv(spec: TaskSpec, text: str, path: str) -> datasets.Dataset:
             raise ValueError(f"{path}, line {line}: {err}. Fix: repair or delete that line.") from None
         for i, c in enumerate(spec.text_columns):
             columns[f"sentence{i + 1}"].append(row[c])
-    features = datasets.Features(
+    ds = _datasets()
+    features = ds.Features(
         {
-            **{k: datasets.Value("string") for k in columns if k != "label"},
-            "label": datasets.Value("float32" if spec.num_labels == 1 else "int64"),
+            **{k: ds.Value("string") for k in columns if k != "label"},
+            "label": ds.Value("float32" if spec.num_labels == 1 else "int64"),
         }
     )
-    return datasets.Dataset.from_dict(columns, features=features)
+    return ds.Dataset.from_dict(columns, features=features)
 
 
 @functools.lru_cache(maxsize=16)
 def _load_hub(spec: TaskSpec, split: str) -> datasets.Dataset:
     hub_split = "validation_matched" if spec.name == "mnli" and split == "validation" else split
     try:
-        data = datasets.load_dataset("nyu-mll/glue", spec.name, split=hub_split)
+        data = _datasets().load_dataset("nyu-mll/glue", spec.name, split=hub_split)
     except Exception as err:  # offline, hub unreachable, or no such config
         raise RuntimeError(
             f"Could not load {spec.name}/{split} from the Hugging Face hub ({type(err).__name__}: {err}). "
@@ -244,6 +265,8 @@ def _partitioner(
 def _fit_partitioner(
     dataset: datasets.Dataset, num_partitions: int, kind: str, alpha: float, seed: int, min_size: int
 ) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     if num_partitions > len(dataset):
         raise ValueError(
             f"{num_partitions} partitions for {len(dataset)} examples: use fewer clients "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 MAIN_METRIC = {
     "sst2": "accuracy",
@@ -27,6 +25,10 @@ def main_metric(task: str) -> str:
 
 def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Class ids (or scores for STS-B) against gold labels -> the task's GLUE metrics."""
+    # imported here: ~1 s that a deployment ClientApp process, which only trains, never needs
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     main = main_metric(task)
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if main == "pearson":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -14,6 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsparse.methods import Method
 from fedsparse.metrics import compute_metrics
+
+if TYPE_CHECKING:
+    import datasets
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -57,11 +60,29 @@ def make_loader(
     seed: int = 0,
 ) -> DataLoader:
     """Tokenise once; batches of similar lengths, padded per batch."""
+    return encoded_loader(*encode(dataset, tokenizer, max_length), tokenizer, batch_size, shuffle, seed)
+
+
+def encode(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[dict[str, list[list[int]]], np.ndarray]:
+    """Token ids (and the tokenizer's other per-token fields) per example, and the labels:
+    the expensive part of a loader, which a deployment ClientApp keeps in its disk cache."""
     texts = [list(dataset["sentence1"])]
     if "sentence2" in dataset.column_names:
         texts.append(list(dataset["sentence2"]))
-    encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-    labels = np.asarray(dataset["label"])
+    return dict(tokenizer(*texts, truncation=True, max_length=max_length)), np.asarray(dataset["label"])
+
+
+def encoded_loader(
+    encoded: dict[str, list[list[int]]],
+    labels: np.ndarray,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+) -> DataLoader:
+    """A loader over already tokenised examples (see `make_loader`)."""
     rows = [({k: v[i] for k, v in encoded.items()}, labels[i]) for i in range(len(labels))]
 
     def collate(batch):

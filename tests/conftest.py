@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 for _var in (
@@ -13,6 +14,8 @@ for _var in (
 ):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a fresh disk cache (fedsparse.cache) per test session, inherited by the Flower processes
+os.environ.setdefault("FEDSPARSE_CACHE_DIR", tempfile.mkdtemp(prefix="fedsparse-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
-from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from fedsparse.methods.base import Method
@@ -14,6 +13,8 @@ class LoRA(Method):
     name = "lora"
 
     def __init__(self, model: PreTrainedModel, cfg: DictConfig):
+        from peft import LoraConfig, get_peft_model  # ~0.3 s, only for LoRA runs
+
         super().__init__(model, cfg)
         targets = [t.strip() for t in str(cfg.target_modules).split(",")]
         config = LoraConfig(

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
+from fedsparse import cache
 from fedsparse.methods.base import Method
 
 GROUPS = ("attention", "ffn", "embeddings", "layernorm", "bias", "pooler")
@@ -153,6 +154,40 @@ def compute_mask(
     return Mask(names, shapes, [i.long() for i in indices], digest.hexdigest())
 
 
+def cached_mask(model: PreTrainedModel, checkpoint: str, cfg: DictConfig) -> Mask:
+    """`compute_mask` through the node's disk cache (`fedsparse.cache`), keyed by the checkpoint
+    digest and the mask settings: a deployment ClientApp process would otherwise rank every
+    candidate weight (seconds on MiniLM) for each message it serves."""
+    settings = {k: cfg[k] for k in ("density", "scope", "select", "groups", "seed")}
+    named = candidate_parameters(model, settings["groups"])
+    sizes = [p.numel() for _, p in named]
+
+    def compute() -> cache.Arrays:
+        mask = compute_mask(model, **settings)
+        return {
+            "fingerprint": np.array(mask.fingerprint),
+            **{f"i{j}": i.numpy() for j, i in enumerate(mask.indices)},
+        }
+
+    def valid(arrays: cache.Arrays) -> bool:
+        indices = [arrays[f"i{j}"] for j in range(len(sizes))]
+        return len(arrays) == len(sizes) + 1 and all(
+            i.dtype == np.int64
+            and i.ndim == 1
+            and (i.size == 0 or (i[0] >= 0 and i[-1] < n))
+            and bool(np.all(np.diff(i) > 0))
+            for i, n in zip(indices, sizes)
+        )
+
+    arrays = cache.cached(cache.key("pafi-mask", checkpoint=checkpoint, **settings), compute, valid)
+    return Mask(
+        [n for n, _ in named],
+        [tuple(p.shape) for _, p in named],
+        [torch.from_numpy(arrays[f"i{j}"]) for j in range(len(sizes))],
+        str(arrays["fingerprint"]),
+    )
+
+
 class SparseValues(nn.Module):
     """Parametrization: weight with the masked entries replaced by a trainable vector."""
 
@@ -210,7 +245,7 @@ class PaFi(Method):
 
     def __init__(self, model: PreTrainedModel, cfg: DictConfig):
         super().__init__(model, cfg)
-        self.mask = compute_mask(model, cfg.density, cfg.scope, cfg.select, cfg.groups, cfg.seed)
+        self.mask = cached_mask(model, self._checkpoint, cfg)
         modules = dict(model.named_modules())
         self.values: list[nn.Parameter] = []
         self.sites: list[tuple[nn.Module, str]] = []  # (module, attribute) carrying a parametrization
