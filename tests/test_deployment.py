@@ -20,8 +20,10 @@ from flower_procs import (
     wait_for_port,
     write_connection,
 )
+from flwr.cli.build import build_fab_from_disk
 
 from fedsparse.config import compose_config
+from fedsparse.relay import DOWN, UP, Relay, windows
 from fedsparse.results import read_run
 from fedsparse.simulation import run_simulation
 
@@ -42,6 +44,15 @@ OVERRIDES = [
 def deploy(tmp_path: Path, tls: Path | None = None, rounds: int = 2, extra: tuple[str, ...] = ()) -> Path:
     """Run `rounds` rounds of PaFi (with `extra` overrides) on SuperLink + 2 SuperNodes; returns the
     run directory."""
+    return deploy_measured(tmp_path, tls, rounds, extra)[0]
+
+
+def deploy_measured(
+    tmp_path: Path, tls: Path | None = None, rounds: int = 2, extra: tuple[str, ...] = ()
+) -> tuple[Path, list[dict[str, int]]]:
+    """`deploy`, also returning the bytes that crossed the SuperNode <-> SuperLink sockets (the
+    nodes connect through a counting relay) per window: [r] is round r (the bytes up to the
+    rounds.jsonl line that closes it; [0]: registration and start), [-1] the shutdown."""
     home, port = tmp_path / "flwr-home", free_port()
     write_connection(home, "loopback", port, root_certificates=tls / "ca.crt" if tls else None)
     env = flower_env(home)
@@ -59,7 +70,8 @@ def deploy(tmp_path: Path, tls: Path | None = None, rounds: int = 2, extra: tupl
     )
     node_security = ["--root-certificates", str(tls / "ca.crt")] if tls else ["--insecure"]
     out = tmp_path / "results"
-    with processes(tmp_path, home) as start:
+    with Relay(("127.0.0.1", port)) as relay, processes(tmp_path, home) as start:
+        relay.watch(out / "deployed" / "rounds.jsonl")
         link = start(
             "superlink",
             [
@@ -85,7 +97,7 @@ def deploy(tmp_path: Path, tls: Path | None = None, rounds: int = 2, extra: tupl
                     str(BIN / "flower-supernode"),
                     *node_security,
                     "--superlink",
-                    f"127.0.0.1:{port}",
+                    f"127.0.0.1:{relay.port}",
                     "--port",
                     str(free_port()),
                     "--node-config",
@@ -93,7 +105,8 @@ def deploy(tmp_path: Path, tls: Path | None = None, rounds: int = 2, extra: tupl
                 ],
                 env,
             )
-        settings = OVERRIDES + [
+        other_method = any(e.startswith("method=") for e in extra)  # then PaFi's density must go
+        settings = [o for o in OVERRIDES if not (other_method and o.startswith("method."))] + [
             f"federation.rounds={rounds}",
             *extra,
             f"output_dir={out}",
@@ -114,7 +127,7 @@ def deploy(tmp_path: Path, tls: Path | None = None, rounds: int = 2, extra: tupl
             )
             assert plain.returncode != 0
     assert leftovers(home) == []  # every process it started is gone
-    return out / "deployed"
+    return out / "deployed", windows(relay.marks, relay.snapshot())
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +153,46 @@ def _assert_matches_simulation(deployed: Path, simulated: Path) -> None:
         np.testing.assert_allclose(d["train"]["train-loss"], s["train"]["train-loss"], atol=1e-4)
 
 
+# What the SuperNode <-> SuperLink sockets carry beyond the ledger's message bytes (measured by
+# parsing the plaintext stream per endpoint, docs/deployment.md "Socket bytes"): every HTTP/1.1
+# request costs ~850 B of headers up (the node-auth public key and signature ride on each one) and
+# ~130 B down, plus small protobuf bodies; each message is ~7 requests (pull-messages, get-run,
+# pull-object per object, confirm; push-messages, push-object per object); an idle node polls every
+# 3 s and heartbeats; each node fetches the FAB once, in round 1. The SuperLink (uvicorn) closes
+# connections idle for 5 s, so nodes reconnect every round; with TLS each new connection costs a
+# handshake (measured ~2 KB down, ~0.7 KB up) and every record ~22 B.
+PER_REQUEST = {UP: 1024, DOWN: 384}
+REQUESTS_PER_MESSAGE = 10
+REQUESTS_PER_NODE_SECOND = 0.5
+PER_CONNECTION = 4096
+
+
+def _assert_socket_bytes(run_dir: Path, socket: list[dict[str, int]], nodes: int = 2) -> None:
+    """Per round and direction: accounted <= socket <= 1.01 accounted + FAB + the overhead above."""
+    _, records, _ = read_run(run_dir)
+    assert len(socket) == len(records) + 1
+    fab = nodes * len(build_fab_from_disk(ROOT))
+    for prev, record, sock in zip(records, records[1:], socket[1:]):
+        comm, seconds = record["comm"], record["wall_seconds"] - prev["wall_seconds"]
+        messages = sum(comm[k]["messages"] for k in ("down", "up", "eval_down", "eval_up"))
+        requests = REQUESTS_PER_MESSAGE * messages + REQUESTS_PER_NODE_SECOND * nodes * seconds
+        for d in (UP, DOWN):
+            acc = comm[d]["bytes"] + comm[f"eval_{d}"]["bytes"]
+            bound = 1.01 * acc + PER_REQUEST[d] * requests + PER_CONNECTION * sock["connections"]
+            bound += fab if record["round"] == 1 and d == DOWN else 0
+            print(f"round {record['round']} {d}: accounted {acc:,} socket {sock[d]:,} bound {bound:,.0f}")
+            assert acc <= sock[d] <= bound
+
+
 def test_loopback_deployment_matches_simulation(tmp_path, simulated):
-    _assert_matches_simulation(deploy(tmp_path), simulated)
+    run_dir, socket = deploy_measured(tmp_path)
+    _assert_matches_simulation(run_dir, simulated)
+    _assert_socket_bytes(run_dir, socket)
+
+
+def test_loopback_socket_bytes_full_finetuning(tmp_path):
+    """Full fine-tuning of the tiny model (8 MB per message): socket bytes within the same bound."""
+    _assert_socket_bytes(*deploy_measured(tmp_path, rounds=1, extra=("method=full",)))
 
 
 def test_loopback_deployment_with_tls(tmp_path, simulated):
@@ -151,4 +202,6 @@ def test_loopback_deployment_with_tls(tmp_path, simulated):
     subprocess.run(
         ["bash", str(ROOT / "scripts" / "generate-certs.sh"), str(certs)], check=True, capture_output=True
     )
-    _assert_matches_simulation(deploy(tmp_path, tls=certs), simulated)
+    run_dir, socket = deploy_measured(tmp_path, tls=certs)
+    _assert_matches_simulation(run_dir, simulated)
+    _assert_socket_bytes(run_dir, socket)
