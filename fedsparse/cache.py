@@ -43,14 +43,18 @@ def cache_dir() -> Path | None:
 def key(kind: str, **parts: object) -> str:
     """Digest of `parts` (JSON) with the cache version and the versions of the libraries whose
     algorithms the entry depends on; `kind` names the entry's file prefix."""
-    versions = {
-        p: importlib.metadata.version(p)
-        for p in ("torch", "transformers", "tokenizers", "datasets", "flwr-datasets")
-    }
+    versions = {p: _version(p) for p in ("torch", "transformers", "tokenizers", "datasets", "flwr-datasets")}
     blob = json.dumps(
         {"kind": kind, "version": VERSION, "libs": versions, **parts}, sort_keys=True, default=str
     )
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def checksum(arrays: Arrays) -> str:
@@ -127,7 +131,7 @@ Encoding = tuple[dict[str, list[list[int]]], np.ndarray]  # what `fedsparse.trai
 
 def cached_encoding(entry: str | None, compute: Callable[[], Encoding]) -> Encoding:
     """A tokenised shard (per-example token rows and labels); `entry` None: not cached."""
-    if entry is None:
+    if entry is None or cache_dir() is None:
         return compute()
 
     def arrays() -> Arrays:
