@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,7 +17,9 @@ for _var in (
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a fresh disk cache (fedsparse.cache) per test session, inherited by the Flower processes
-os.environ.setdefault("FEDSPARSE_CACHE_DIR", tempfile.mkdtemp(prefix="fedsparse-test-cache-"))
+if "FEDSPARSE_CACHE_DIR" not in os.environ:
+    os.environ["FEDSPARSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedsparse-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FEDSPARSE_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
