@@ -115,6 +115,25 @@ def finalize(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def training_settings(cfg: DictConfig) -> dict:
+    """The settings that decide what a run computes: not where it writes or whether it saves, and
+    not the settings added after the first results were committed while they keep their neutral
+    value (the one that trains exactly as before they existed). Runs with equal training settings
+    are the same run: they share an auto name, and a sweep skips one that is finished."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("run_name", "output_dir", "resume", "save_model"):
+        settings.pop(key, None)
+    federation = settings["federation"]
+    federation.pop("round_timeout", None)  # only drops late replies
+    for key, neutral in NEUTRAL_FEDERATION.items():
+        if federation.get(key, neutral) == neutral:
+            federation.pop(key, None)
+    privacy = settings.get("privacy", {})
+    if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
+        settings.pop("privacy", None)
+    return settings
+
+
 def auto_run_name(cfg: DictConfig) -> str:
     """A name that is a function of the configuration (`run_name=auto`, used by the experiment
     presets): rerunning a sweep finds its finished runs and skips them. Readable parts first,
@@ -123,20 +142,7 @@ def auto_run_name(cfg: DictConfig) -> str:
     variant = {"hiwi": method.get("exchange"), "topk": method.get("index_encoding")}.get(method.name)
     if method.name == "pafi":
         variant = f"{method.select}-d{method.density:g}"
-    settings = OmegaConf.to_container(cfg)
-    for key in ("run_name", "output_dir", "resume", "save_model"):  # where and how, not what is trained
-        settings.pop(key, None)
-    # Settings added after the first results were committed are left out at their neutral value
-    # (the one that trains exactly as before they existed), so finished runs keep their names.
-    federation = settings["federation"]
-    federation.pop("round_timeout", None)
-    for key, neutral in NEUTRAL_FEDERATION.items():
-        if federation.get(key) == neutral:
-            federation.pop(key)
-    privacy = settings.get("privacy", {})
-    if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
-        settings.pop("privacy", None)
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+    digest = hashlib.sha1(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()[:6]
     parts = [
         method.name,
         variant,

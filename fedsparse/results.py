@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedsparse.config import run_dir
+from fedsparse.config import run_dir, training_settings
 
 
 class RunWriter:
@@ -77,8 +77,7 @@ def finished(cfg: DictConfig) -> bool:
     path = run_dir(cfg)
     if not is_finished(path):
         return False
-    saved = OmegaConf.load(path / "config.yaml")
-    if saved != cfg:
+    if training_settings(OmegaConf.load(path / "config.yaml")) != training_settings(cfg):
         raise FileExistsError(
             f"{path} holds a finished run with another configuration. Choose another run_name "
             "(or output_dir), or delete that directory."

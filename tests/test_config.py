@@ -121,6 +121,14 @@ def test_a_finished_run_is_skipped_and_another_config_refused(tmp_path):
     assert not finished(cfg)  # started but not finished: run it again
     writer.write_summary({"final": {}})
     assert finished(cfg)
+    # a run saved before later settings existed (absent from its config.yaml) is the same run
+    saved = OmegaConf.load(writer.dir / "config.yaml")
+    for key in ("privacy", "save_model", "resume"):
+        saved.pop(key)
+    for key in ("fail_rate", "fail_mode", "max_examples", "min_replies", "round_timeout"):
+        saved.federation.pop(key)
+    OmegaConf.save(saved, writer.dir / "config.yaml")
+    assert finished(cfg)
     clash = compose_config([f"run_name={cfg.run_name}", f"output_dir={tmp_path}", "seed=5"])
     with pytest.raises(FileExistsError, match="another configuration"):
         finished(clash)
