@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
+from fedsparse.config import training_settings
 from fedsparse.metrics import main_metric
 from fedsparse.results import is_finished, read_run
 
-# Config keys that do not make two runs different experiments (nor does any key named `seed`).
-IGNORED_KEYS = {"run_name", "output_dir", "data.glue_dir", "federation.ray_address", "federation.client_cpus"}
+# Where and on what hardware a run ran, beyond what `training_settings` already leaves out: two runs
+# differing only here (or in a key named `seed`) are seeds of one experiment.
+IGNORED_KEYS = {"data.glue_dir", "federation.ray_address", "federation.client_cpus"}
 
 
 def human_bytes(n: float) -> str:
@@ -181,10 +184,12 @@ class Group:
 
 
 def group_runs(runs: list[dict]) -> list[Group]:
-    """Group runs whose configs are equal but for seeds and paths; sorted by task, method, lr, alpha."""
+    """Group runs whose training settings are equal but for seeds (a run saved before a setting
+    existed joins the runs that have it at its neutral value); sorted by task, method, lr, alpha."""
     by_config: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
-        by_config[tuple(sorted(_flatten(run["config"]).items()))].append(run)
+        settings = training_settings(OmegaConf.create(run["config"]))
+        by_config[tuple(sorted(_flatten(settings).items()))].append(run)
     looks = {key: _look(members[0]["config"]) for key, members in by_config.items()}
     groups = []
     for key, members in by_config.items():

@@ -97,6 +97,25 @@ def groups_of(experiment: Path):
     return group_runs(runs)
 
 
+def _add_settings(run: Path, **federation) -> None:
+    """Give a run's config the settings added after the others were saved (privacy off)."""
+    config = OmegaConf.load(run / "config.yaml")
+    config.federation.update(federation)
+    config.privacy = {"dp": "none", "secagg": False, "clipping_norm": 1.0}
+    OmegaConf.save(config, run / "config.yaml")
+
+
+def test_a_setting_added_later_splits_a_group_only_when_it_changes_training(experiment):
+    _add_settings(experiment / "pafi-s2", fail_rate=0.0, min_replies=1, round_timeout=60)
+    assert [(g.method, len(g.runs)) for g in groups_of(experiment)] == [("hiwi[merged]", 3), ("pafi", 3)]
+    _add_settings(experiment / "pafi-s2", fail_rate=0.3)
+    assert [(g.method, len(g.runs)) for g in groups_of(experiment)] == [
+        ("hiwi[merged]", 3),
+        ("pafi federation.fail_rate=-", 2),
+        ("pafi federation.fail_rate=0.3", 1),
+    ]
+
+
 def test_runs_differing_only_in_seed_form_one_group_with_mean_and_std(experiment):
     groups = groups_of(experiment)
     assert [(g.method, g.lr, len(g.runs)) for g in groups] == [("hiwi[merged]", 0.01, 3), ("pafi", 0.01, 3)]
