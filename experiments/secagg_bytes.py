@@ -54,7 +54,12 @@ def main() -> None:
                     {"values": Array((values + rng.normal(0, 0.01, values.size)).astype(np.float32))}
                 ),
                 "metrics": MetricRecord(
-                    {"num-examples": int(rng.integers(1000, 10000)), "train-loss": 0.5, "train-seconds": 1.0}
+                    {
+                        "num-examples": int(rng.integers(1000, 10000)),
+                        "train-loss": 0.5,
+                        "train-seconds": 1.0,
+                        "setup-seconds": 0.5,
+                    }
                 ),
                 "info": ConfigRecord({"fingerprint": method.fingerprint()}),
             }

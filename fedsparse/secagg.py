@@ -40,7 +40,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fedsparse.strategy import INFO_KEY, METRICS_KEY, CommLedger, PackedState
+from fedsparse.strategy import INFO_KEY, METRICS_KEY, TRAIN_METRICS, CommLedger, PackedState
 
 log = logging.getLogger("fedsparse")
 TRAIN_STAGE = "collect_masked_vectors"  # the exchange that carries the model: ledgered as "train"
@@ -137,7 +137,7 @@ class _LegacyBridge(LegacyStrategy):
         mean = parameters_to_ndarrays(results[0][1].parameters)[0]  # every result holds the same sum
         fingerprints = {res.metrics.get(FINGERPRINT) for _, res in results}
         metrics = {"num-examples": int(n.sum())}
-        for key in ("train-loss", "train-seconds"):
+        for key in TRAIN_METRICS[1:]:  # all but the weight
             metrics[key] = float(
                 np.dot(n, [float(res.metrics.get(key, 0.0)) for _, res in results]) / n.sum()
             )

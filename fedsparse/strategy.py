@@ -25,7 +25,9 @@ from fedsparse.sampling import ClientSampler
 log = logging.getLogger("fedsparse")
 INFO_KEY = "info"  # ConfigRecord in each reply: the client's method fingerprint
 METRICS_KEY = "metrics"
-TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds")  # what a train reply reports
+# What a train reply reports: its weight, mean local loss, seconds of local training, and seconds
+# from the message's arrival (a fresh deployment process: its start) to the first training step.
+TRAIN_METRICS = ("num-examples", "train-loss", "train-seconds", "setup-seconds")
 
 
 def wire_bytes(message: Message) -> int:

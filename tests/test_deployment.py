@@ -184,10 +184,21 @@ def _assert_socket_bytes(run_dir: Path, socket: list[dict[str, int]], nodes: int
             assert acc <= sock[d] <= bound
 
 
+def _assert_setup_paid_per_message(deployed: Path, simulated: Path) -> None:
+    """Per-message overhead (message arrival, i.e. the ClientApp process start, to the first
+    training step): a deployment pays it on every message, a simulation actor only on its first."""
+    for d, s in zip(read_run(deployed)[1][1:], read_run(simulated)[1][1:]):
+        setup, train = d["train"]["setup-seconds"], d["train"]["train-seconds"]
+        print(f"round {d['round']}: per-message overhead {setup:.1f} s, local training {train:.1f} s")
+        assert setup > 0 and s["train"]["setup-seconds"] >= 0
+    assert d["train"]["setup-seconds"] > s["train"]["setup-seconds"]  # the last round: actors are warm
+
+
 def test_loopback_deployment_matches_simulation(tmp_path, simulated):
     run_dir, socket = deploy_measured(tmp_path)
     _assert_matches_simulation(run_dir, simulated)
     _assert_socket_bytes(run_dir, socket)
+    _assert_setup_paid_per_message(run_dir, simulated)
 
 
 def test_loopback_socket_bytes_full_finetuning(tmp_path):

@@ -222,7 +222,9 @@ def _reply(wire: dict[str, np.ndarray], weight: float, fingerprint: str) -> Mess
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
-            "metrics": MetricRecord({"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0}),
+            "metrics": MetricRecord(
+                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0, "setup-seconds": 0.5}
+            ),
             "info": ConfigRecord({"fingerprint": fingerprint}),
         }
     )

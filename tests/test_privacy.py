@@ -31,7 +31,9 @@ def _reply(strategy, values: np.ndarray, weight: int) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord({"values": Array(values.astype(np.float32))}),
-            "metrics": MetricRecord({"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0}),
+            "metrics": MetricRecord(
+                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0, "setup-seconds": 0.5}
+            ),
             "info": ConfigRecord({"fingerprint": strategy.fingerprint}),
         }
     )

@@ -134,9 +134,9 @@ def sims(tmp_path_factory):
 
 
 def _metrics(rounds: list[dict]) -> list:
-    """Everything a round computes (train-seconds is a wall-clock time, not a result)."""
+    """Everything a round computes (train- and setup-seconds are wall-clock times, not results)."""
     return [
-        (r["dev"], {k: v for k, v in r["train"].items() if k != "train-seconds"}, r["sampled"])
+        (r["dev"], {k: v for k, v in r["train"].items() if not k.endswith("-seconds")}, r["sampled"])
         for r in rounds
     ]
 

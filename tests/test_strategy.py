@@ -32,7 +32,8 @@ def _reply(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()} | (extra or {})),
             "metrics": MetricRecord(
-                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0} | (metrics or {})
+                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0, "setup-seconds": 0.5}
+                | (metrics or {})
             ),
             "info": ConfigRecord({"fingerprint": fingerprint or strategy.fingerprint}),
             **(records or {}),
@@ -87,7 +88,7 @@ def test_extra_records_and_keys_are_ignored_not_fatal(strategy):
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["values"].numpy(), g + 2.6, rtol=0, atol=1e-5)
-    assert set(metrics) == {"train-loss", "train-seconds"}  # Flower drops the weight key
+    assert set(metrics) == {"train-loss", "train-seconds", "setup-seconds"}  # Flower drops the weight key
     assert 1 not in strategy.rejected
     notes = " | ".join(strategy.trimmed[1])
     assert "metric keys ['accuracy']" in notes and "array records ['more']" in notes
