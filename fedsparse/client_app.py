@@ -167,6 +167,7 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
         epochs=float(config["local-epochs"]) or None,
         weight_decay=float(cfg.train.weight_decay),
         seed=seed,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by federation.strategy=fedprox
     )
     wire = method.encode(method.pack(), reference=received)
     metrics = {

@@ -86,6 +86,7 @@ def finalize(cfg: DictConfig) -> DictConfig:
         ),
         (cfg.federation.rounds >= 1, "federation.rounds must be >= 1"),
         (cfg.federation.alpha > 0, "federation.alpha must be > 0"),
+        (cfg.federation.get("proximal_mu", 0.0) >= 0, "federation.proximal_mu must be >= 0"),
         (cfg.train.lr > 0 and cfg.train.batch_size >= 1, "train.lr must be > 0, train.batch_size >= 1"),
         (0 < cfg.train.lr_decay <= 1, "train.lr_decay must be in (0, 1]"),
         (cfg.federation.min_replies >= 1, "federation.min_replies must be >= 1"),
@@ -125,6 +126,8 @@ def training_settings(cfg: DictConfig) -> dict:
         settings.pop(key, None)
     federation = settings["federation"]
     federation.pop("round_timeout", None)  # only drops late replies
+    if federation["strategy"] != "fedprox":
+        federation.pop("proximal_mu", None)  # read by fedprox only
     for key, neutral in NEUTRAL_FEDERATION.items():
         if federation.get(key, neutral) == neutral:
             federation.pop(key, None)

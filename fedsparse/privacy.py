@@ -71,9 +71,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
             "privacy.dp cannot be used with method=topk: the DP wrappers clip and noise every array "
             "of a reply, and a top-k reply's indices are not part of the update"
         )
-    if p.dp in CENTRAL and cfg.federation.strategy != "fedavg":
+    if p.dp in CENTRAL and cfg.federation.strategy not in ("fedavg", "fedprox"):
         problems.append(
-            f"privacy.dp={p.dp} needs federation.strategy=fedavg: FedAvgM/FedAdam keep server state "
+            f"privacy.dp={p.dp} needs federation.strategy=fedavg or fedprox: FedAvgM/FedAdam keep server state "
             "computed from the un-noised mean, which later rounds would release without noise"
         )
     if p.dp in CENTRAL and p.secagg:

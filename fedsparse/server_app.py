@@ -34,6 +34,8 @@ def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> Packed
         kwargs.update(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
     elif fed.strategy == "fedadam":
         kwargs.update(eta=fed.server_lr_adam, eta_l=cfg.train.lr)
+    elif fed.strategy == "fedprox":
+        kwargs.update(proximal_mu=float(fed.proximal_mu))
     return STRATEGIES[fed.strategy](
         method=method,
         ledger=ledger,

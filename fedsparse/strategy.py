@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedsparse.methods import Method
 from fedsparse.sampling import ClientSampler
@@ -377,4 +377,14 @@ class PackedFedAdam(PackedState, FedAdam, _ExactMean):
         self.v_t = {"values": state["v_t"]} if "v_t" in state else None
 
 
-STRATEGIES = {"fedavg": PackedFedAvg, "fedavgm": PackedFedAvgM, "fedadam": PackedFedAdam}
+class PackedFedProx(PackedState, FedProx, _ExactMean):
+    """FedProx (Li et al. 2020): FedAvg on the server; each round's config carries `proximal-mu`,
+    and the clients add the proximal term to their local loss (`train.train`)."""
+
+
+STRATEGIES = {
+    "fedavg": PackedFedAvg,
+    "fedavgm": PackedFedAvgM,
+    "fedadam": PackedFedAdam,
+    "fedprox": PackedFedProx,
+}

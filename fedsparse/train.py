@@ -118,6 +118,7 @@ def train(
     seed: int = 0,
     progress: bool = False,
     description: str = "train",
+    proximal_mu: float = 0.0,
 ) -> float:
     """Run local optimisation on the method's trainable tensors only; returns the mean loss.
 
@@ -125,13 +126,17 @@ def train(
     (the PaFi value vector, adapter factors, ...), never for whole frozen tensors. Batch order
     and dropout depend only on `seed`, so a client computes the same update whether it runs in
     a long-lived simulation actor or a fresh deployment process.
+
+    `proximal_mu` > 0 is FedProx (Li et al. 2020): the local objective gets mu/2 ||w - w_global||^2
+    over the trainable tensors, w_global being their values when training starts (the received
+    global state). The returned loss is the data loss alone, comparable across strategies.
     """
     if steps is None:
         steps = max(1, math.ceil((epochs or 1) * len(loader)))
     loader.generator.manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _optimise(method, loader, lr, steps, weight_decay, progress, description)
+        return _optimise(method, loader, lr, steps, weight_decay, progress, description, proximal_mu)
 
 
 def _optimise(
@@ -142,15 +147,20 @@ def _optimise(
     weight_decay: float,
     progress: bool,
     description: str,
+    proximal_mu: float,
 ) -> float:
     model = method.model
-    optimizer = torch.optim.AdamW(method.parameters(), lr=lr, weight_decay=weight_decay)
+    params = list(method.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    anchors = [p.detach().clone() for p in params] if proximal_mu else []
     model.train()
     total = 0.0
     bar = tqdm(_batches(loader, steps), total=steps, desc=description, disable=not progress, leave=False)
     for step, batch in enumerate(bar, 1):
         loss = model(**batch).loss
         loss.backward()
+        for param, anchor in zip(params, anchors):  # d/dw of mu/2 ||w - anchor||^2, no extra graph
+            param.grad.add_(param.detach() - anchor, alpha=proximal_mu)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         total += loss.item()

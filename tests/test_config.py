@@ -53,7 +53,7 @@ def test_pyproject_declares_only_the_bridge_key():
     [
         ("method=nope", "method"),
         ("federation.clients_per_round=11", "clients_per_round"),
-        ("federation.strategy=fedprox", "strategy"),
+        ("federation.strategy=scaffold", "strategy"),
         ("mode=serverless", "mode"),
         ("train.local_steps=-1", r"train.local_steps must be >= 1 \(or null"),  # ran 0 steps, loss -0.0
         ("train.local_steps=0", "train.local_steps must be >= 1"),

@@ -1,0 +1,99 @@
+"""FedProx: the server sends `proximal-mu` each round; clients add mu/2 ||w - w_global||^2."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import method_cfg, tiny_model
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from fedsparse.config import compose_config, training_settings
+from fedsparse.methods import build_method
+from fedsparse.model import TINY_BERT, load_tokenizer
+from fedsparse.server_app import make_strategy
+from fedsparse.strategy import CommLedger, PackedFedProx
+from fedsparse.train import _batches, make_loader, train
+
+LR, STEPS, SEED = 1e-2, 8, 3
+
+
+def _loader():
+    words = ["good", "bad", "fine", "awful", "great", "dull"]
+    texts = [f"the film was {words[i % 6]} and {words[(i * 5) % 6]}" for i in range(48)]
+    data = datasets.Dataset.from_dict({"sentence1": texts, "label": [i % 2 for i in range(48)]})
+    return make_loader(data, load_tokenizer(TINY_BERT), 32, 8, shuffle=True)
+
+
+def _method():
+    return build_method(tiny_model(), method_cfg("pafi", density=0.05))
+
+
+def _trained(mu: float) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of the packed vector after local training with this mu."""
+    method = _method()
+    start = method.pack().copy()
+    train(method, _loader(), LR, steps=STEPS, seed=SEED, proximal_mu=mu)
+    return start, method.pack()
+
+
+def test_proximal_gradient_equals_autograd_of_the_proximal_loss():
+    """The reference adds mu/2 ||w - w0||^2 to the loss and lets autograd differentiate it."""
+    mu = 0.5
+    _, ours = _trained(mu)
+    method, loader = _method(), _loader()
+    params = list(method.parameters())
+    anchors = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    loader.generator.manual_seed(SEED)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        method.model.train()
+        for batch in _batches(loader, STEPS):
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+            (method.model(**batch).loss + mu / 2 * prox).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    np.testing.assert_allclose(ours, method.pack(), rtol=0, atol=1e-6)
+
+
+def test_mu_zero_trains_exactly_as_fedavg_and_a_larger_mu_stays_closer():
+    start, plain = _trained(0.0)
+    method = _method()
+    train(method, _loader(), LR, steps=STEPS, seed=SEED)  # no proximal_mu at all
+    assert np.array_equal(plain, method.pack())
+    drift = [np.linalg.norm(_trained(mu)[1] - start) for mu in (0.0, 1.0, 100.0)]
+    assert drift[0] > drift[1] > drift[2] > 0
+
+
+def test_the_strategy_sends_proximal_mu_and_averages_like_fedavg(app_identity):
+    cfg = compose_config(["model=tiny", "federation.strategy=fedprox", "federation.proximal_mu=0.3"])
+    method = build_method(tiny_model(), cfg.method)
+    strategy = make_strategy(cfg, method, CommLedger(method.head_size))
+    assert isinstance(strategy, PackedFedProx) and strategy.proximal_mu == 0.3
+    strategy.sampler.node_of = {p: 100 + p for p in range(cfg.federation.num_clients)}
+
+    class Grid:
+        def get_node_ids(self):
+            return list(strategy.sampler.node_of.values())
+
+    arrays = ArrayRecord({"values": Array(method.initial_state())})
+    messages = strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), Grid())
+    assert len(messages) == cfg.federation.clients_per_round
+    assert all(m.content["config"]["proximal-mu"] == 0.3 for m in messages)
+
+
+def test_proximal_mu_names_only_fedprox_runs():
+    """Runs saved before FedProx existed keep their auto names; fedprox runs differ by mu."""
+    plain = training_settings(compose_config(["federation.proximal_mu=5"]))
+    assert "proximal_mu" not in plain["federation"]
+    names = {
+        compose_config(
+            ["run_name=auto", "federation.strategy=fedprox", f"federation.proximal_mu={mu}"]
+        ).run_name
+        for mu in (0.01, 0.1)
+    }
+    assert len(names) == 2
+    with pytest.raises(ValueError, match="proximal_mu must be >= 0"):
+        compose_config(["federation.strategy=fedprox", "federation.proximal_mu=-1"])
