@@ -84,22 +84,31 @@ def group_table(groups: list[Group]) -> str:
     mean total bytes (all clients and rounds), rounds."""
     header, rows = id_columns(groups)
     metric = _metric_name(groups)
-    for g, row in zip(groups, rows):
+    mixed = metric == "metric"  # several tasks: say which metric each row reports
+    others = [_other_finals(g) for g in groups]
+    for g, row, other in zip(groups, rows, others):
         summaries = [r["summary"] for r in g.runs]
         fed = [series(r, g.metric) for r in g.runs if r["rounds"]]
-        row += [
-            str(len(g.runs)),
-            _cell([final_metric(s, g.metric) for s in summaries]),
-            _cell(_present(summaries, "best")),
-        ]
+        row += [str(len(g.runs))] + ([g.metric] if mixed else [])
+        row += [_cell([final_metric(s, g.metric) for s in summaries]), _cell(_present(summaries, "best"))]
+        row += [other] if any(others) else []
         row += [
             _cell(_present(summaries, k), human_bytes, False)
             for k in ("mean_up_per_client", "mean_down_per_client")
         ]
         row += [_cell([s["up"][-1] + s["down"][-1] for s in fed], human_bytes, False)]
         row += [_cell(_present(summaries, "rounds"), "{:.0f}".format, False)]
-    header += ["seeds", f"final {metric}", f"best {metric}", "up/client/round", "down/client/round"]
+    header += ["seeds"] + (["metric"] if mixed else []) + [f"final {metric}", f"best {metric}"]
+    header += ["final, other metrics"] if any(others) else []
+    header += ["up/client/round", "down/client/round"]
     return _md(header + ["total bytes", "rounds"], rows, left=1)
+
+
+def _other_finals(group: Group) -> str:
+    """The task's other GLUE metrics at the end (MRPC's accuracy beside F1, STS-B's Spearman)."""
+    finals = [r["summary"].get("final", r["summary"].get("dev", {})) for r in group.runs]
+    names = sorted({k for f in finals for k in f} - {group.metric, "loss"})
+    return ", ".join(f"{k} {_cell(_present(finals, k))}" for k in names)
 
 
 def target_table(groups: list[Group], targets: Sequence[float]) -> str:

@@ -250,3 +250,27 @@ def test_repository_readme_matches_the_committed_results(capsys):
     out = capsys.readouterr().out
     assert f"{len(names)} report block(s) checked: {', '.join(names) or '-'}" in out
     assert (REPO / "README.md").read_text() == text
+
+
+def test_tasks_with_several_metrics_name_each_rows_metric_and_the_others(tmp_path):
+    """MRPC is ranked by F1 and also reports accuracy: both appear, and the metric is named."""
+    root = tmp_path / "exp"
+    write_run(root, "pafi", 0, [0.5, 0.8])
+    for seed, (f1, acc) in enumerate([(0.70, 0.60), (0.80, 0.70)]):
+        run = write_run(root, "pafi", seed + 1, [0.5, f1])
+        config = OmegaConf.load(run / "config.yaml")
+        config.task.name = "mrpc"
+        OmegaConf.save(config, run / "config.yaml")
+        summary = json.loads((run / "summary.json").read_text())
+        summary.update(task="mrpc", metric="f1", final={"f1": f1, "accuracy": acc, "loss": 0.5})
+        (run / "summary.json").write_text(json.dumps(summary))
+        rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+        for r in rounds:
+            r["dev"]["f1"] = r["dev"]["accuracy"]
+        (run / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    table = group_table(groups_of(root)).splitlines()
+    assert "| metric | final metric | best metric | final, other metrics |" in table[0]
+    mrpc = next(line for line in table if "| mrpc |" in line)
+    assert "| f1 | 0.7500 ± 0.0707 |" in mrpc and "| accuracy 0.6500 ± 0.0707 |" in mrpc
+    sst2 = next(line for line in table if "| sst2 |" in line)
+    assert "| accuracy | 0.8000 |" in sst2
