@@ -40,6 +40,7 @@ def run_central(cfg: DictConfig) -> dict:
         seed=int(cfg.seed),
         progress=True,
         description=f"{cfg.method.name}/{cfg.task.name}",
+        head_lr_scale=float(cfg.train.head_lr_scale),
     )
     train_seconds = time.time() - start
     metrics = evaluate(method.model, dev_loader, cfg.task.name)

@@ -168,6 +168,8 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
         weight_decay=float(cfg.train.weight_decay),
         seed=seed,
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by federation.strategy=fedprox
+        # absent from the configs of runs saved before it existed (resume=)
+        head_lr_scale=float(cfg.train.get("head_lr_scale", 1.0)),
     )
     wire = method.encode(method.pack(), reference=received)
     metrics = {

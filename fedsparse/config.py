@@ -28,6 +28,7 @@ from fedsparse.strategy import STRATEGIES
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 NEUTRAL_FEDERATION = {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"}
+NEUTRAL_TRAIN = {"head_lr_scale": 1.0}
 RUN_CONFIG_KEY = "overrides"
 MODES = ("federated", "central")
 
@@ -89,6 +90,7 @@ def finalize(cfg: DictConfig) -> DictConfig:
         (cfg.federation.get("proximal_mu", 0.0) >= 0, "federation.proximal_mu must be >= 0"),
         (cfg.train.lr > 0 and cfg.train.batch_size >= 1, "train.lr must be > 0, train.batch_size >= 1"),
         (0 < cfg.train.lr_decay <= 1, "train.lr_decay must be in (0, 1]"),
+        (cfg.train.head_lr_scale > 0, "train.head_lr_scale must be > 0"),
         (cfg.federation.min_replies >= 1, "federation.min_replies must be >= 1"),
         (cfg.federation.max_examples >= 1, "federation.max_examples must be >= 1"),
         (cfg.federation.round_timeout > 0, "federation.round_timeout must be > 0 (seconds)"),
@@ -131,6 +133,9 @@ def training_settings(cfg: DictConfig) -> dict:
     for key, neutral in NEUTRAL_FEDERATION.items():
         if federation.get(key, neutral) == neutral:
             federation.pop(key, None)
+    for key, neutral in NEUTRAL_TRAIN.items():
+        if settings["train"].get(key, neutral) == neutral:
+            settings["train"].pop(key, None)
     privacy = settings.get("privacy", {})
     if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
         settings.pop("privacy", None)

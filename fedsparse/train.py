@@ -119,6 +119,7 @@ def train(
     progress: bool = False,
     description: str = "train",
     proximal_mu: float = 0.0,
+    head_lr_scale: float = 1.0,
 ) -> float:
     """Run local optimisation on the method's trainable tensors only; returns the mean loss.
 
@@ -130,13 +131,17 @@ def train(
     `proximal_mu` > 0 is FedProx (Li et al. 2020): the local objective gets mu/2 ||w - w_global||^2
     over the trainable tensors, w_global being their values when training starts (the received
     global state). The returned loss is the data loss alone, comparable across strategies.
+    `head_lr_scale` multiplies the lr of the classification head (a fresh, randomly initialised
+    layer that label-skewed clients otherwise pull hardest towards their own majority label).
     """
     if steps is None:
         steps = max(1, math.ceil((epochs or 1) * len(loader)))
     loader.generator.manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _optimise(method, loader, lr, steps, weight_decay, progress, description, proximal_mu)
+        return _optimise(
+            method, loader, lr, steps, weight_decay, progress, description, proximal_mu, head_lr_scale
+        )
 
 
 def _optimise(
@@ -148,10 +153,18 @@ def _optimise(
     progress: bool,
     description: str,
     proximal_mu: float,
+    head_lr_scale: float,
 ) -> float:
     model = method.model
     params = list(method.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups: list = params
+    if head_lr_scale != 1.0:
+        head = {id(p) for p in method.head}
+        groups = [
+            {"params": [p for p in params if id(p) not in head]},
+            {"params": [p for p in params if id(p) in head], "lr": lr * head_lr_scale},
+        ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     anchors = [p.detach().clone() for p in params] if proximal_mu else []
     model.train()
     total = 0.0

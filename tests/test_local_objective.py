@@ -1,4 +1,5 @@
-"""FedProx: the server sends `proximal-mu` each round; clients add mu/2 ||w - w_global||^2."""
+"""Local training options: FedProx (the server sends `proximal-mu` each round; clients add
+mu/2 ||w - w_global||^2) and a separate learning rate for the classification head."""
 
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ def _method():
     return build_method(tiny_model(), method_cfg("pafi", density=0.05))
 
 
-def _trained(mu: float) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) of the packed vector after local training with this mu."""
+def _trained(mu: float = 0.0, head_lr_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of the packed vector after local training with these options."""
     method = _method()
     start = method.pack().copy()
-    train(method, _loader(), LR, steps=STEPS, seed=SEED, proximal_mu=mu)
+    train(method, _loader(), LR, steps=STEPS, seed=SEED, proximal_mu=mu, head_lr_scale=head_lr_scale)
     return start, method.pack()
 
 
@@ -97,3 +98,16 @@ def test_proximal_mu_names_only_fedprox_runs():
     assert len(names) == 2
     with pytest.raises(ValueError, match="proximal_mu must be >= 0"):
         compose_config(["federation.strategy=fedprox", "federation.proximal_mu=-1"])
+
+
+def test_head_lr_scale_slows_only_the_head():
+    start, plain = _trained()
+    assert np.array_equal(_trained(head_lr_scale=1.0)[1], plain)
+    _, slow = _trained(head_lr_scale=1e-3)
+    head = _method().head_size  # the head is the packed vector's tail
+    moved = np.abs(slow - start)
+    assert moved[-head:].max() < 1e-3 * LR * STEPS * 1.01  # AdamW moves an entry <= lr per step
+    assert np.abs(plain - start)[-head:].max() > 0.5 * LR  # at the full rate the head does move
+    assert moved[:-head].max() > 0.5 * LR  # the masked entries still train at lr
+    with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
+        compose_config(["train.head_lr_scale=0"])
