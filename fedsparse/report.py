@@ -17,13 +17,17 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from fedsparse.config import training_settings
+from fedsparse.config import NEUTRAL_FEDERATION, NEUTRAL_TRAIN, training_settings
 from fedsparse.metrics import main_metric
 from fedsparse.results import is_finished, read_run
 
 # Where and on what hardware a run ran, beyond what `training_settings` already leaves out: two runs
 # differing only here (or in a key named `seed`) are seeds of one experiment.
 IGNORED_KEYS = {"data.glue_dir", "federation.ray_address", "federation.client_cpus"}
+# What a group label shows for a setting its runs leave out (`training_settings` drops neutral ones).
+NEUTRAL = {f"federation.{k}": v for k, v in NEUTRAL_FEDERATION.items()} | {
+    f"train.{k}": v for k, v in NEUTRAL_TRAIN.items()
+}
 
 
 def human_bytes(n: float) -> str:
@@ -198,7 +202,7 @@ def group_runs(runs: list[dict]) -> list[Group]:
         twins = [set(k) for k in by_config if k != key and looks[k] == looks[key]]
         mine = dict(key)
         for name in sorted({name for twin in twins for name, _ in twin ^ set(key)}):
-            method += f" {name}={mine.get(name, '-')}"
+            method += f" {name}={mine.get(name, NEUTRAL.get(name, '-'))}"
         members.sort(key=lambda r: (r["config"].get("seed", 0), r.get("dir", "")))
         groups.append(Group(method, task, lr, alpha, members))
     return sorted(groups, key=lambda g: (g.task, g.method, g.lr, -1 if g.alpha is None else g.alpha))

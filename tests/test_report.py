@@ -111,7 +111,7 @@ def test_a_setting_added_later_splits_a_group_only_when_it_changes_training(expe
     _add_settings(experiment / "pafi-s2", fail_rate=0.3)
     assert [(g.method, len(g.runs)) for g in groups_of(experiment)] == [
         ("hiwi[merged]", 3),
-        ("pafi federation.fail_rate=-", 2),
+        ("pafi federation.fail_rate=0.0", 2),  # the neutral value, which its runs leave out
         ("pafi federation.fail_rate=0.3", 1),
     ]
 
