@@ -131,8 +131,8 @@ def train(
     `proximal_mu` > 0 is FedProx (Li et al. 2020): the local objective gets mu/2 ||w - w_global||^2
     over the trainable tensors, w_global being their values when training starts (the received
     global state). The returned loss is the data loss alone, comparable across strategies.
-    `head_lr_scale` multiplies the lr of the classification head (a fresh, randomly initialised
-    layer that label-skewed clients otherwise pull hardest towards their own majority label).
+    `head_lr_scale` multiplies the lr of the classification head, the one freshly initialised
+    layer, which may want another rate than the pre-trained values around it.
     """
     if steps is None:
         steps = max(1, math.ceil((epochs or 1) * len(loader)))
