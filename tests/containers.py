@@ -95,14 +95,26 @@ def docker(env: dict[str, str], *args: str, timeout: float = 600) -> str:
     return result.stdout
 
 
-def _debian_mirror() -> str:
-    for source in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
+def debian_mirror(suite: str = "bookworm", apt: Path = Path("/etc/apt")) -> str:
+    """The archive apt uses for `suite`: only files apt reads (`*.list`, `*.sources`; not e.g.
+    `*.disabled`), only entries naming that suite (not a third-party repo's), never security."""
+    sources = apt / "sources.list.d"
+    files = [
+        apt / "sources.list",
+        *sorted(sources.glob("*.list")),
+        *sorted(sources.glob("*.sources")),
+    ]
+    for source in files:
         text = source.read_text() if source.is_file() else ""
-        found = re.search(r"^URIs:\s*(\S+)", text, re.M) or re.search(
-            r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)", text, re.M
-        )
-        if found and "security" not in found.group(1):
-            return found.group(1)
+        entries = [  # deb822 stanzas (URIs, Suites) and one-line entries (deb [opts] URI suite ...)
+            (uris.split(), suites.split())
+            for uris, suites in re.findall(r"^URIs:\s*(.+)\n(?:.*\n)*?Suites:\s*(.+)$", text, re.M)
+        ] + [
+            ([uri], [dist]) for uri, dist in re.findall(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", text, re.M)
+        ]
+        for uris, suites in entries:
+            if suite in suites and "security" not in uris[0]:
+                return uris[0]
     return "http://deb.debian.org/debian"
 
 
@@ -122,7 +134,7 @@ def base_image(env: dict[str, str]) -> None:
                     f"--include={BASE_PACKAGES}",
                     "bookworm",
                     rootfs,
-                    _debian_mirror(),
+                    debian_mirror(),
                 ],
                 check=True,
                 capture_output=True,

@@ -20,6 +20,7 @@ import pytest
 from containers import (
     build_image,
     compose,
+    debian_mirror,
     docker,
     docker_daemon,
     host_network_override,
@@ -122,3 +123,22 @@ def test_host_network_override_binds_everything_to_loopback(tmp_path, tls):
             assert args.runtime_api_address == f"127.0.0.1:{ports[target]}", name
         else:
             assert (args.host, args.port) == ("127.0.0.1", ports[name]), name
+
+
+def test_the_base_image_comes_from_the_debian_archive_apt_uses(tmp_path):
+    """Not from a third-party or disabled repository listed beside it (this machine has both)."""
+    lists = tmp_path / "sources.list.d"
+    lists.mkdir()
+    third_party = "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\n"
+    (lists / "nodesource.sources").write_text(third_party)
+    (lists / "a.sources.disabled").write_text(third_party.replace("nodistro", "bookworm"))
+    (lists / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
+    )
+    assert debian_mirror(apt=tmp_path) == "http://mirror.example/debian"
+    (lists / "debian.sources").unlink()
+    (tmp_path / "sources.list").write_text("deb [arch=amd64] http://old.example/debian bookworm main\n")
+    assert debian_mirror(apt=tmp_path) == "http://old.example/debian"
+    (tmp_path / "sources.list").unlink()
+    assert debian_mirror(apt=tmp_path) == "http://deb.debian.org/debian"
