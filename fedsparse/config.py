@@ -27,8 +27,12 @@ from fedsparse.privacy import config_problems
 from fedsparse.strategy import STRATEGIES
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-NEUTRAL_FEDERATION = {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"}
-NEUTRAL_TRAIN = {"head_lr_scale": 1.0}
+# Settings added after results were committed, per config section, with the value that trains as
+# before they existed: `training_settings` leaves them out at that value.
+NEUTRAL_SETTINGS = {
+    "federation": {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"},
+    "train": {"head_lr_scale": 1.0},
+}
 RUN_CONFIG_KEY = "overrides"
 MODES = ("federated", "central")
 
@@ -130,12 +134,10 @@ def training_settings(cfg: DictConfig) -> dict:
     federation.pop("round_timeout", None)  # only drops late replies
     if federation["strategy"] != "fedprox":
         federation.pop("proximal_mu", None)  # read by fedprox only
-    for key, neutral in NEUTRAL_FEDERATION.items():
-        if federation.get(key, neutral) == neutral:
-            federation.pop(key, None)
-    for key, neutral in NEUTRAL_TRAIN.items():
-        if settings["train"].get(key, neutral) == neutral:
-            settings["train"].pop(key, None)
+    for section, neutrals in NEUTRAL_SETTINGS.items():
+        for key, neutral in neutrals.items():
+            if settings[section].get(key, neutral) == neutral:
+                settings[section].pop(key, None)
     privacy = settings.get("privacy", {})
     if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
         settings.pop("privacy", None)

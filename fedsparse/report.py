@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from fedsparse.config import NEUTRAL_FEDERATION, NEUTRAL_TRAIN, training_settings
+from fedsparse.config import NEUTRAL_SETTINGS, training_settings
 from fedsparse.metrics import main_metric
 from fedsparse.results import is_finished, read_run
 
@@ -25,9 +25,7 @@ from fedsparse.results import is_finished, read_run
 # differing only here (or in a key named `seed`) are seeds of one experiment.
 IGNORED_KEYS = {"data.glue_dir", "federation.ray_address", "federation.client_cpus"}
 # What a group label shows for a setting its runs leave out (`training_settings` drops neutral ones).
-NEUTRAL = {f"federation.{k}": v for k, v in NEUTRAL_FEDERATION.items()} | {
-    f"train.{k}": v for k, v in NEUTRAL_TRAIN.items()
-}
+NEUTRAL = {f"{section}.{k}": v for section, neutrals in NEUTRAL_SETTINGS.items() for k, v in neutrals.items()}
 
 
 def human_bytes(n: float) -> str:

@@ -68,7 +68,7 @@ def test_mu_zero_trains_exactly_as_fedavg_and_a_larger_mu_stays_closer():
     assert drift[0] > drift[1] > drift[2] > 0
 
 
-def test_the_strategy_sends_proximal_mu_and_averages_like_fedavg(app_identity):
+def test_the_strategy_sends_proximal_mu_in_every_train_message(app_identity):
     cfg = compose_config(["model=tiny", "federation.strategy=fedprox", "federation.proximal_mu=0.3"])
     method = build_method(tiny_model(), cfg.method)
     strategy = make_strategy(cfg, method, CommLedger(method.head_size))
