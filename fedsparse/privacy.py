@@ -15,7 +15,9 @@ update moves the mean by up to C * max(n_i) / sum(n), more than the C / n the no
 for, so each accepted reply's `num-examples` is set to 1. A round is released (aggregated,
 noised, accounted) only when all `clients_per_round` sampled clients sent valid replies; if one
 fails or is rejected the round is skipped and the global state stays, as Flower's wrappers do
-on client errors. Epsilon is tracked with Flower's `RdpAccountant` (dp-accounting), per round.
+on client errors. Epsilon is tracked with Flower's `RdpAccountant` (dp-accounting), per round;
+a resumed run replays the releases recorded in its history into a fresh accountant, so epsilon
+continues from where the interrupted run stopped.
 Adaptive clipping is not offered: in Flower 1.41 its update moves the norm the wrong way (see
 docs/privacy.md and tests/test_privacy.py).
 """
@@ -23,7 +25,7 @@ docs/privacy.md and tests/test_privacy.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
@@ -101,7 +103,8 @@ class _PackedDp:
     clipping_norm: float
     num_sampled_clients: int
 
-    def _setup(self, population: int, delta: float) -> None:
+    def _setup(self, population: int, delta: float, history: Sequence[dict] = ()) -> None:
+        """`history`: the rounds.jsonl records of the rounds run before a resume."""
         self.rounds: dict[int, dict] = {}  # round (counting resumed ones) -> what was released and spent
         self.rdp = None
         if self.noise_multiplier > 0:
@@ -112,6 +115,18 @@ class _PackedDp:
                 sampling_method=SamplingMethod.NO_AMPLIFICATION,
             )
             self.rdp = RdpAccountant(config)
+            for record in history:  # every release already spent privacy; replay it
+                if record.get("privacy", {}).get("released"):
+                    self._account()
+
+    def _account(self) -> None:
+        self.rdp.compose(
+            GaussianPrivacyEvent(
+                noise_multiplier=self.noise_multiplier,
+                sample_size=self.num_sampled_clients,
+                population_size=self.rdp.config.population_size,
+            )
+        )
 
     def _clip(self, reply: Message) -> None:
         """Server-side variant: clip the reply's update in place (client-side: nothing to do)."""
@@ -150,13 +165,7 @@ class _PackedDp:
             noise_std=compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients),
         )
         if self.rdp is not None:
-            self.rdp.compose(
-                GaussianPrivacyEvent(
-                    noise_multiplier=self.noise_multiplier,
-                    sample_size=self.num_sampled_clients,
-                    population_size=self.rdp.config.population_size,
-                )
-            )
+            self._account()
             spent = self.rdp.get_privacy_spent()
             record.update(epsilon=spent.epsilon, delta=spent.delta, releases=spent.num_releases)
         self.rounds[key] = record
@@ -178,9 +187,10 @@ class ClientSideDp(_PackedDp, DifferentialPrivacyClientSideFixedClipping):
     """Central DP, each client clips its own update (`fixedclipping_mod`); the server verifies."""
 
 
-def wrap(strategy: PackedState, cfg: DictConfig):
+def wrap(strategy: PackedState, cfg: DictConfig, history: Sequence[dict] = ()):
     """What runs the rounds: the packed strategy, a DP wrapper around it, or the SecAgg+ runner.
-    All have `start(grid, initial_arrays, num_rounds, train_config, evaluate_fn)`."""
+    All have `start(grid, initial_arrays, num_rounds, train_config, evaluate_fn)`. `history`:
+    the records of the rounds before a resume (the accountant replays their releases)."""
     p = cfg.get("privacy")
     if p is None:
         return strategy
@@ -188,16 +198,11 @@ def wrap(strategy: PackedState, cfg: DictConfig):
         return SecAggRunner(strategy, cfg)
     if p.dp not in CENTRAL:
         return strategy
-    if cfg.get("resume"):
-        raise ValueError(
-            "Resuming a central-DP run is not supported: the privacy accountant is not checkpointed, "
-            "so the reported epsilon would restart from 0. Start the run again instead."
-        )
     cls = ServerSideDp if p.dp == "server" else ClientSideDp
     wrapped = cls(
         strategy, float(p.noise_multiplier), float(p.clipping_norm), cfg.federation.clients_per_round
     )
-    wrapped._setup(cfg.federation.num_clients, float(p.delta))
+    wrapped._setup(cfg.federation.num_clients, float(p.delta), history)
     return wrapped
 
 

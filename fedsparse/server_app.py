@@ -69,14 +69,16 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
         shuffle=False,
     )
     strategy = make_strategy(cfg, method, CommLedger(method.head_size))
-    runner = privacy.wrap(strategy, cfg)  # the strategy itself unless DP or SecAgg+ is on
+    resumed = checkpoint.load(run_dir(cfg)) if cfg.resume else None
+    # the strategy itself unless DP or SecAgg+ is on
+    runner = privacy.wrap(strategy, cfg, resumed.history if resumed else ())
     recorder = RoundRecorder(
         cfg,
         method,
         strategy,
         dev_loader,
         full_model_bytes(sum(p.numel() for p in model.parameters())),
-        resumed=checkpoint.load(run_dir(cfg)) if cfg.resume else None,
+        resumed=resumed,
         extra_fields=lambda server_round: privacy.round_record(cfg, runner, server_round),
     )
     fed = cfg.federation

@@ -187,9 +187,24 @@ def test_unsupported_combinations_are_refused_with_the_reason(overrides, why):
         compose_config(["model=tiny"] + overrides)
 
 
-def test_resuming_a_central_dp_run_is_refused(strategy):
-    cfg = compose_config(["model=tiny", "privacy.dp=server"])
-    assert isinstance(wrap(strategy, cfg), ServerSideDp)
-    cfg.resume = "outputs/some-run"  # the accountant is not checkpointed: epsilon would restart
-    with pytest.raises(ValueError, match="accountant"):
-        wrap(strategy, cfg)
+def test_a_resumed_central_dp_run_continues_the_privacy_spent(strategy):
+    """The accountant replays the releases in the resumed history: epsilon does not restart."""
+    g = strategy.global_values
+    cfg = compose_config(["model=tiny", "privacy.dp=server", "privacy.noise_multiplier=1.2"])
+    cfg.federation.clients_per_round, cfg.privacy.clipping_norm = N, C
+    whole = wrap(strategy, cfg)
+    history = [{"round": 0}]
+    for rnd in (1, 2, 3):
+        replies = [_reply(strategy, g + u, 7) for u in _updates(g.size, seed=rnd)]
+        if rnd == 2:  # a skipped round spends nothing, before or after the resume
+            replies = replies[:-1]
+        whole.aggregate_train(rnd, replies)
+        history.append({"round": rnd, **round_record(cfg, whole, rnd)})
+    assert [r["privacy"]["released"] for r in history[1:]] == [True, False, True]
+
+    resumed = wrap(strategy, cfg, history[:3])  # interrupted after round 2
+    strategy.round_offset = 2
+    resumed.aggregate_train(1, [_reply(strategy, g + u, 7) for u in _updates(g.size, seed=3)])
+    assert resumed.rdp.num_releases == whole.rdp.num_releases == 2
+    assert resumed.rounds[3]["epsilon"] == pytest.approx(whole.rounds[3]["epsilon"])
+    assert resumed.rounds[3]["epsilon"] > whole.rounds[1]["epsilon"]
