@@ -30,6 +30,7 @@ from fedsparse.report import (
 from fedsparse.results import progress
 
 DEFAULT_TARGETS = (0.80, 0.85)
+TREND_ROUNDS = 3  # a curve has flattened when its slope over this many last rounds is ~0
 PLOT_KINDS = ("metric_vs_bytes", "bytes_per_round", "metric_vs_round")
 PLOT_PREFIX = "report_"
 PLOT_TITLES = {
@@ -79,9 +80,25 @@ def _present(summaries: list[dict], key: str) -> list[float]:
     return [s[key] for s in summaries if s.get(key) is not None]
 
 
+def trend(run_series: dict[str, np.ndarray]) -> float | None:
+    """Least-squares slope of the dev metric over a run's last TREND_ROUNDS rounds, per round:
+    whether its curve has flattened (None when it has too few rounds to tell)."""
+    rounds, metric = run_series["round"][-TREND_ROUNDS:], run_series["metric"][-TREND_ROUNDS:]
+    if len(run_series["round"]) <= TREND_ROUNDS:  # round 0 is the initial state, not a trained one
+        return None
+    return float(np.polyfit(rounds, metric, 1)[0])
+
+
+def _trend_cell(slopes: list[float]) -> str:
+    if not slopes:
+        return "-"
+    mean, std, n = mean_std(slopes)
+    return f"{mean:+.4f}" + (f" ± {std:.4f}" if n > 1 else "")
+
+
 def group_table(groups: list[Group]) -> str:
-    """Per group: seeds, final and best dev metric (mean ± std), mean bytes per client and round,
-    mean total bytes (all clients and rounds), rounds."""
+    """Per group: seeds, final and best dev metric (mean ± std), the trend of the last rounds,
+    mean bytes per client and round, mean total bytes (all clients and rounds), rounds."""
     header, rows = id_columns(groups)
     metric = _metric_name(groups)
     mixed = metric == "metric"  # several tasks: say which metric each row reports
@@ -92,6 +109,7 @@ def group_table(groups: list[Group]) -> str:
         row += [str(len(g.runs))] + ([g.metric] if mixed else [])
         row += [_cell([final_metric(s, g.metric) for s in summaries]), _cell(_present(summaries, "best"))]
         row += [other] if any(others) else []
+        row += [_trend_cell([t for t in map(trend, fed) if t is not None])]
         row += [
             _cell(_present(summaries, k), human_bytes, False)
             for k in ("mean_up_per_client", "mean_down_per_client")
@@ -100,6 +118,7 @@ def group_table(groups: list[Group]) -> str:
         row += [_cell(_present(summaries, "rounds"), "{:.0f}".format, False)]
     header += ["seeds"] + (["metric"] if mixed else []) + [f"final {metric}", f"best {metric}"]
     header += ["final, other metrics"] if any(others) else []
+    header += [f"trend/round (last {TREND_ROUNDS})"]
     header += ["up/client/round", "down/client/round"]
     return _md(header + ["total bytes", "rounds"], rows, left=1)
 
@@ -137,8 +156,10 @@ def experiment_tables(groups: list[Group], unfinished: list[Path], targets: Sequ
     """The group table, the bytes-to-target table and the unfinished runs, as markdown."""
     metric = _metric_name(groups)
     parts = [
-        "Mean ± sample standard deviation over seeds (no ± with one seed); bytes are the serialized "
-        "Flower messages, per client and round, and in total over all clients and rounds.",
+        "Mean ± sample standard deviation over seeds (no ± with one seed); trend: the least-squares "
+        f"slope of the dev {metric} over the last {TREND_ROUNDS} rounds, per round (about 0 once the "
+        "curve has flattened); bytes are the serialized Flower messages, per client and round, and "
+        "in total over all clients and rounds.",
         group_table(groups),
         f"Cumulative bytes over all clients (down + up, client-side evaluation included) until the dev "
         f"{metric} first reaches each target; rounds and bytes are means over the seeds that reach it.",

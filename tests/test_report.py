@@ -6,10 +6,11 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fedsparse.readme_blocks import group_table, plot_groups, target_table, update_readme
+from fedsparse.readme_blocks import group_table, plot_groups, target_table, trend, update_readme
 from fedsparse.report import bytes_to_target, group_runs, load_runs, main, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,8 +124,19 @@ def test_runs_differing_only_in_seed_form_one_group_with_mean_and_std(experiment
     assert (mean, std, n) == (pytest.approx(0.82), pytest.approx(0.02), 3)
     table = group_table(groups)
     # pafi: final 0.80/0.82/0.84, best 0.81/0.82/0.84; 3 rounds of 2 clients at (s+1) x (100+200+10+20) B
-    assert "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 | 0.8233 ± 0.0153 | 200 B | 400 B | 4.0 KB | 3 |" in table
+    # trend: slopes over rounds 1-3 of -0.005, 0.06 and 0.12 per round
+    row = "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 | 0.8233 ± 0.0153 | +0.0583 ± 0.0625 | 200 B | 400 B | 4.0 KB | 3 |"
+    assert row in table
     assert "| hiwi[merged] | 0.01 | 3 | 0.6300 ± 0.0200 | 0.7067 ± 0.1343 |" in table
+
+
+def test_trend_is_the_slope_of_the_last_rounds_and_needs_enough_of_them():
+    rounds = np.arange(6)
+    flat = {"round": rounds, "metric": np.array([0.5, 0.6, 0.7, 0.8, 0.8, 0.8])}
+    rising = {"round": rounds, "metric": np.array([0.5, 0.5, 0.5, 0.6, 0.7, 0.8])}
+    assert trend(flat) == pytest.approx(0.0, abs=1e-12) and trend(rising) == pytest.approx(0.1)
+    short = {"round": rounds[:3], "metric": np.array([0.5, 0.6, 0.7])}  # two trained rounds
+    assert trend(short) is None
 
 
 def test_a_group_label_shows_what_else_differs(tmp_path):
