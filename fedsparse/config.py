@@ -138,6 +138,10 @@ def training_settings(cfg: DictConfig) -> dict:
         for key, neutral in neutrals.items():
             if settings[section].get(key, neutral) == neutral:
                 settings[section].pop(key, None)
+    if "masked_backward" in settings["method"]:
+        # PaFi's backward kernel computes the same gradients whichever it is (up to summation order),
+        # so it does not tell runs apart; the digest keeps the value the first results were saved with
+        settings["method"]["masked_backward"] = True
     privacy = settings.get("privacy", {})
     if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
         settings.pop("privacy", None)

@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedsparse.config import auto_run_name, compose_config, from_run_config, to_run_config
+from fedsparse.methods.pafi import BACKWARDS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -110,6 +111,8 @@ def test_auto_run_names_follow_the_configuration():
         ["run_name=auto", "method=hiwi", "method.exchange=merged", "seed=2", "train.batch_size=8"]
     )
     assert other.run_name != name  # a setting outside the readable part still changes the name
+    kernels = {compose_config(["run_name=auto", f"method.masked_backward={k}"]).run_name for k in BACKWARDS}
+    assert len(kernels) == 1  # PaFi's backward kernel computes the same gradients: the same run
 
 
 def test_a_finished_run_is_skipped_and_another_config_refused(tmp_path):

@@ -217,11 +217,13 @@ def test_pafi_training_changes_only_masked_entries_and_keeps_small_optimizer_sta
     assert changed_entries > 0.9 * method.mask.size
 
 
-def test_pafi_masked_backward_equals_autograd_through_the_dense_weight(batch):
-    """The gather-based gradient of the masked entries is the dense weight gradient at the mask."""
+@pytest.mark.parametrize("kernel", ["sddmm", "gather", True])
+def test_pafi_masked_backward_equals_autograd_through_the_dense_weight(batch, kernel):
+    """Each masked kernel's gradient of the masked entries is the dense weight gradient at the
+    mask (`True`, what runs saved before the choice say, is the gather kernel)."""
     grads, logits = [], []
-    for masked in (True, False):
-        method = build_method(tiny_model(), method_cfg("pafi", density=0.05, masked_backward=masked))
+    for backward in (kernel, "dense"):
+        method = build_method(tiny_model(), method_cfg("pafi", density=0.05, masked_backward=backward))
         method.model.eval()  # no dropout: both passes see the same function
         out = method.model(**batch)
         out.loss.backward()
@@ -230,6 +232,11 @@ def test_pafi_masked_backward_equals_autograd_through_the_dense_weight(batch):
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
     assert grads[0][: method.mask.size].abs().max() > 0
+
+
+def test_pafi_refuses_an_unknown_backward():
+    with pytest.raises(ValueError, match="sddmm"):
+        build_method(tiny_model(), method_cfg("pafi", masked_backward="fast"))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,14 @@ from fedsparse import cache
 from fedsparse.methods.base import Method
 
 GROUPS = ("attention", "ffn", "embeddings", "layernorm", "bias", "pooler")
+# How a masked Linear weight's gradient is computed (`method.masked_backward`): a sampled dense-dense
+# product at the mask (SDDMM), a gather over the tokens, or autograd through the dense weight.
+# `experiments/step_time.py` measures them; true/false are the values of runs saved before the
+# choice existed (true was the gather kernel).
+BACKWARDS = {"sddmm": "sddmm", "gather": "gather", "dense": "dense", True: "gather", False: "dense"}
 SCOPES = ("global", "per_tensor")
+# torch says so once per process when the SDDMM kernel builds its first CSR pattern; nothing to act on
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 SELECTS = ("smallest", "largest", "random")
 
 
@@ -195,9 +203,13 @@ class SparseValues(nn.Module):
         super().__init__()
         self.register_buffer("index", index, persistent=False)
         self.values = nn.Parameter(weight.detach().reshape(-1)[index].clone())
-        if weight.ndim == 2:  # (row, column) of each entry, for the masked backward of a Linear
-            self.register_buffer("rows", index // weight.shape[1], persistent=False)
+        if weight.ndim == 2:  # the entries' (row, column), and the mask in CSR, for a Linear's backward
+            rows = index // weight.shape[1]
+            self.register_buffer("rows", rows, persistent=False)
             self.register_buffer("cols", index % weight.shape[1], persistent=False)
+            crow = torch.zeros(weight.shape[0] + 1, dtype=torch.long)
+            crow[1:] = torch.cumsum(torch.bincount(rows, minlength=weight.shape[0]), 0)
+            self.register_buffer("crow", crow, persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.reshape(-1).index_put((self.index,), self.values).view_as(weight)
@@ -206,35 +218,43 @@ class SparseValues(nn.Module):
 class SparseLinear(torch.autograd.Function):
     """y = x W^T + b, W the frozen weight with the trainable values at the mask.
 
-    Autograd through the parametrization would form the dense weight gradient (a matmul as
-    large as the forward) only to keep 0.5% of it; here each masked entry's gradient is
-    sum_t dy[t, row] * x[t, col], a gather over the tokens.
+    Autograd through the parametrization would form the dense weight gradient dy^T x (a matmul as
+    large as the forward) only to keep 0.5% of it. Here only the masked entries' gradients are
+    computed, sum_t dy[t, row] * x[t, col]: by default as one SDDMM (`torch.sparse.sampled_addmm`
+    on the mask's CSR pattern), or as a gather of the entries' rows and columns over the tokens.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, sparse: SparseValues):
+    def forward(ctx, x, weight, bias, values, sparse: SparseValues, kernel: str):
         effective = weight.reshape(-1).index_put((sparse.index,), values).view_as(weight)
         ctx.save_for_backward(x, effective)
-        ctx.sparse = sparse
+        ctx.sparse, ctx.kernel = sparse, kernel
         return F.linear(x, effective, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, effective = ctx.saved_tensors
+        sparse = ctx.sparse
         grad_x = grad_out @ effective if ctx.needs_input_grad[0] else None
-        # feature-major copies, so that gathering an entry's row/column reads contiguous memory
-        dy = grad_out.reshape(-1, grad_out.shape[-1]).t().contiguous()
-        xs = x.reshape(-1, x.shape[-1]).t().contiguous()
-        grad_values = (dy.index_select(0, ctx.sparse.rows) * xs.index_select(0, ctx.sparse.cols)).sum(1)
-        return grad_x, None, None, grad_values, None
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        xs = x.reshape(-1, x.shape[-1])
+        if ctx.kernel == "sddmm":
+            pattern = torch.sparse_csr_tensor(
+                sparse.crow, sparse.cols, sparse.values.detach(), effective.shape, check_invariants=False
+            )
+            grad_values = torch.sparse.sampled_addmm(pattern, dy.t(), xs, beta=0.0).values()
+        else:  # feature-major copies, so that gathering an entry's row/column reads contiguous memory
+            dy, xs = dy.t().contiguous(), xs.t().contiguous()
+            grad_values = (dy.index_select(0, sparse.rows) * xs.index_select(0, sparse.cols)).sum(1)
+        return grad_x, None, None, grad_values, None, None
 
 
-def masked_linear_forward(module: nn.Linear, sparse: SparseValues):
+def masked_linear_forward(module: nn.Linear, sparse: SparseValues, kernel: str):
     """A forward for `module` that trains only the masked entries of its (frozen) weight."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         weight = module.parametrizations.weight.original
-        return SparseLinear.apply(x, weight, module.bias, sparse.values, sparse)
+        return SparseLinear.apply(x, weight, module.bias, sparse.values, sparse, kernel)
 
     return forward
 
@@ -246,6 +266,11 @@ class PaFi(Method):
     def __init__(self, model: PreTrainedModel, cfg: DictConfig):
         super().__init__(model, cfg)
         self.mask = cached_mask(model, self._checkpoint, cfg)
+        kernel = BACKWARDS.get(cfg.get("masked_backward", "sddmm"))
+        if kernel is None:
+            raise ValueError(
+                f"method.masked_backward={cfg.masked_backward}: use sddmm (default), gather or dense"
+            )
         modules = dict(model.named_modules())
         self.values: list[nn.Parameter] = []
         self.sites: list[tuple[nn.Module, str]] = []  # (module, attribute) carrying a parametrization
@@ -256,8 +281,8 @@ class PaFi(Method):
             module = modules[module_name]
             sparse = SparseValues(getattr(module, attr), index)
             parametrize.register_parametrization(module, attr, sparse)
-            if cfg.get("masked_backward", True) and attr == "weight" and isinstance(module, nn.Linear):
-                module.forward = masked_linear_forward(module, sparse)
+            if kernel != "dense" and attr == "weight" and isinstance(module, nn.Linear):
+                module.forward = masked_linear_forward(module, sparse, kernel)
             self.values.append(sparse.values)
             self.sites.append((module, attr))
 
