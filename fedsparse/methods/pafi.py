@@ -31,9 +31,9 @@ GROUPS = ("attention", "ffn", "embeddings", "layernorm", "bias", "pooler")
 # choice existed (true was the gather kernel).
 BACKWARDS = {"sddmm": "sddmm", "gather": "gather", "dense": "dense", True: "gather", False: "dense"}
 SCOPES = ("global", "per_tensor")
+SELECTS = ("smallest", "largest", "random")
 # torch says so once per process when the SDDMM kernel builds its first CSR pattern; nothing to act on
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-SELECTS = ("smallest", "largest", "random")
 
 
 def parse_groups(groups: str) -> list[str]:
