@@ -51,12 +51,18 @@ def _md(header: list[str], rows: list[list[str]], left: int) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
 
 
-def _cell(values: list[float], fmt: Callable[[float], str] = "{:.4f}".format, spread: bool = True) -> str:
-    """`mean ± std` over seeds (the mean alone for one seed or `spread=False`); `-` for no values."""
+def _cell(
+    values: list[float],
+    fmt: Callable[[float], str] = "{:.4f}".format,
+    spread: bool = True,
+    mean_fmt: Callable[[float], str] | None = None,
+) -> str:
+    """`mean ± std` over seeds (the mean alone for one seed or `spread=False`); `-` for no values.
+    `mean_fmt`, if given, formats the mean (e.g. with its sign) and `fmt` the std."""
     if not values:
         return "-"
     mean, std, n = mean_std(values)
-    return fmt(mean) + (f" ± {fmt(std)}" if spread and n > 1 else "")
+    return (mean_fmt or fmt)(mean) + (f" ± {fmt(std)}" if spread and n > 1 else "")
 
 
 def id_columns(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
@@ -83,17 +89,10 @@ def _present(summaries: list[dict], key: str) -> list[float]:
 def trend(run_series: dict[str, np.ndarray]) -> float | None:
     """Least-squares slope of the dev metric over a run's last TREND_ROUNDS rounds, per round:
     whether its curve has flattened (None when it has too few rounds to tell)."""
-    rounds, metric = run_series["round"][-TREND_ROUNDS:], run_series["metric"][-TREND_ROUNDS:]
     if len(run_series["round"]) <= TREND_ROUNDS:  # round 0 is the initial state, not a trained one
         return None
+    rounds, metric = run_series["round"][-TREND_ROUNDS:], run_series["metric"][-TREND_ROUNDS:]
     return float(np.polyfit(rounds, metric, 1)[0])
-
-
-def _trend_cell(slopes: list[float]) -> str:
-    if not slopes:
-        return "-"
-    mean, std, n = mean_std(slopes)
-    return f"{mean:+.4f}" + (f" ± {std:.4f}" if n > 1 else "")
 
 
 def group_table(groups: list[Group]) -> str:
@@ -109,7 +108,8 @@ def group_table(groups: list[Group]) -> str:
         row += [str(len(g.runs))] + ([g.metric] if mixed else [])
         row += [_cell([final_metric(s, g.metric) for s in summaries]), _cell(_present(summaries, "best"))]
         row += [other] if any(others) else []
-        row += [_trend_cell([t for t in map(trend, fed) if t is not None])]
+        slopes = [t for t in map(trend, fed) if t is not None]
+        row += [_cell(slopes, mean_fmt="{:+.4f}".format)]
         row += [
             _cell(_present(summaries, k), human_bytes, False)
             for k in ("mean_up_per_client", "mean_down_per_client")
