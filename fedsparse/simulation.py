@@ -20,11 +20,14 @@ from fedsparse.server_app import make_server_app
 
 
 def backend_config(cfg: DictConfig) -> dict:
-    """Ray settings: one actor per `client_cpus` cores, or attach to `federation.ray_address`."""
+    """Ray settings: one actor per `client_cpus` cores, on a Ray instance of the run's own or
+    attached to `federation.ray_address` (else Ray's own `RAY_ADDRESS`, where it is set: a
+    cluster refuses a driver that also asks for `num_cpus`)."""
     fed = cfg.federation
+    address = fed.ray_address or os.environ.get("RAY_ADDRESS")
     init_args = (
-        {"address": str(fed.ray_address)}
-        if fed.ray_address
+        {"address": str(address)}
+        if address
         else {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
     )
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": 0.0}, "init_args": init_args}

@@ -71,3 +71,24 @@ def packed_strategy(method) -> PackedFedAvg:
     )
     strat.global_values = method.initial_state()
     return strat
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One Ray head for the session's simulations, which attach to it through `RAY_ADDRESS`
+    (`fedsparse.simulation.backend_config`): a Ray instance of their own costs each run seconds
+    of start and stop. Set here before the head starts, so that its workers inherit them: what
+    `run_simulation` sets for a Ray instance it starts itself."""
+    if os.environ.get("RAY_ADDRESS"):  # the caller's own cluster
+        yield os.environ["RAY_ADDRESS"]
+        return
+    from ray_head import ray_head
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    with ray_head(num_cpus=os.cpu_count() or 1) as (address, _):
+        os.environ["RAY_ADDRESS"] = address
+        try:
+            yield address
+        finally:
+            os.environ.pop("RAY_ADDRESS", None)

@@ -35,6 +35,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
     )
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)  # the tests' shared Ray head (conftest) is not for Flower's own runs
     return env
 
 

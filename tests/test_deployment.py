@@ -131,7 +131,7 @@ def deploy_measured(
 
 
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory) -> Path:
+def simulated(tmp_path_factory, shared_ray) -> Path:
     out = tmp_path_factory.mktemp("sim")
     return run_simulation(compose_config(OVERRIDES + [f"output_dir={out}", "run_name=simulated"]))
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedsparse.config import compose_config
 from fedsparse.simulation import run_simulation
+
+pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 
 # With seed 0 and fail_rate 0.3, exactly partition 2 fails, in round 1 only (faults.maybe_fail).
 OVERRIDES = [

@@ -16,6 +16,8 @@ from fedsparse.results import read_run
 from fedsparse.simulation import run_simulation
 from fedsparse.strategy import PackedState
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
+
 BASE = [
     "model=tiny",
     "federation.num_clients=3",

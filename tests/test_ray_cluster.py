@@ -3,73 +3,19 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
-import psutil
-from flower_procs import free_port
+from ray_head import cluster_processes, ray_head
 
 from fedsparse.config import compose_config
 from fedsparse.results import read_run
-from fedsparse.simulation import run_simulation
-
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _stop_cluster(temp_dir: Path) -> None:
-    """Stop only this test's cluster (not `ray stop`, which would stop every cluster here)."""
-    heads = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any(str(temp_dir) in part for part in (p.info["cmdline"] or []))
-    ]
-    procs = set(heads)
-    for p in heads:
-        try:
-            procs |= set(p.children(recursive=True))
-        except psutil.Error:
-            pass
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(procs), timeout=10)
+from fedsparse.simulation import backend_config, run_simulation
 
 
 def test_simulation_attaches_to_a_running_ray_head(tmp_path):
-    # Ray's unix sockets live under --temp-dir, whose path must stay short (AF_UNIX: 107 bytes)
-    port, temp_dir = free_port(), Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    start = subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--num-cpus",
-            "2",
-            "--include-dashboard",
-            "false",
-            "--temp-dir",
-            str(temp_dir),
-            "--disable-usage-stats",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    try:
-        assert start.returncode == 0, start.stdout + start.stderr
+    with ray_head() as (address, temp_dir):
         cfg = compose_config(
             [
                 "+experiment=smoke",
-                f"federation.ray_address=127.0.0.1:{port}",
+                f"federation.ray_address={address}",
                 f"output_dir={tmp_path}",
                 "run_name=on-cluster",
             ]
@@ -79,11 +25,14 @@ def test_simulation_attaches_to_a_running_ray_head(tmp_path):
         # the clients ran as workers of this cluster: its session logged our driver and actors
         logs = list((temp_dir / "session_latest" / "logs").glob("*"))
         assert any("driver" in p.name for p in logs) and any("worker" in p.name for p in logs)
-    finally:
-        _stop_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any(str(temp_dir) in part for part in (p.info["cmdline"] or []))
-    ]
+    assert not cluster_processes(temp_dir)
+
+
+def test_ray_address_in_the_environment_attaches_too(monkeypatch):
+    cfg = compose_config(["+experiment=smoke"])
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    assert backend_config(cfg)["init_args"] == {"address": "10.0.0.7:6379"}
+    explicit = compose_config(["+experiment=smoke", "federation.ray_address=127.0.0.1:1"])
+    assert backend_config(explicit)["init_args"] == {"address": "127.0.0.1:1"}  # the setting wins
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert "num_cpus" in backend_config(cfg)["init_args"]  # else a cluster of its own

@@ -24,6 +24,8 @@ from fedsparse.report import load_runs
 from fedsparse.results import RunWriter, is_finished
 from fedsparse.simulation import run_simulation
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
+
 OVERRIDES = [
     "model=tiny",
     "federation.num_clients=3",

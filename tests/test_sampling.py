@@ -14,6 +14,8 @@ from fedsparse.sampling import ClientSampler, partition_reply
 from fedsparse.simulation import run_simulation
 from fedsparse.strategy import PackedState
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
+
 
 class FakeGrid:
     """Nodes with random ids (as Flower assigns them) that answer the partition-id query."""
