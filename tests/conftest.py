@@ -77,8 +77,8 @@ def packed_strategy(method) -> PackedFedAvg:
 def shared_ray():
     """One Ray head for the session's simulations, which attach to it through `RAY_ADDRESS`
     (`fedsparse.simulation.backend_config`): a Ray instance of their own costs each run seconds
-    of start and stop. Set here before the head starts, so that its workers inherit them: what
-    `run_simulation` sets for a Ray instance it starts itself."""
+    of start and stop. The Ray variables that `run_simulation` sets for a Ray instance of its own
+    are set here before the head starts, so that the head's workers inherit them."""
     if os.environ.get("RAY_ADDRESS"):  # the caller's own cluster
         yield os.environ["RAY_ADDRESS"]
         return
