@@ -62,15 +62,20 @@ def environment(**variables: str) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+def set_ray_defaults() -> None:
+    """Ray settings, where not set already, for the Ray instance started next (its workers
+    inherit them). Ray starts workers at nice 15: beside any other busy process on the machine
+    the clients would get a small share of the CPU and the run would crawl."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only: keep Ray quiet
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     """Simulate `federation.num_clients` nodes; returns the run directory."""
     refuse_existing_run(cfg)  # before anything is written or started
     describe_shards(cfg, run_dir(cfg))
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only: keep Ray quiet
-    # Ray starts workers at nice 15: beside any other busy process on the machine the clients
-    # would get a small share of the CPU and the run would crawl.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    set_ray_defaults()
     # Ray's workers inherit this environment: each actor computes on its own cores only, where
     # torch's default (every core in every actor) would oversubscribe the machine.
     threads = str(max(1, int(cfg.federation.client_cpus)))

@@ -77,15 +77,16 @@ def packed_strategy(method) -> PackedFedAvg:
 def shared_ray():
     """One Ray head for the session's simulations, which attach to it through `RAY_ADDRESS`
     (`fedsparse.simulation.backend_config`): a Ray instance of their own costs each run seconds
-    of start and stop. The Ray variables that `run_simulation` sets for a Ray instance of its own
-    are set here before the head starts, so that the head's workers inherit them."""
+    of start and stop. The head is started with the Ray settings `run_simulation` sets for a Ray
+    instance of its own, so that its workers inherit them."""
     if os.environ.get("RAY_ADDRESS"):  # the caller's own cluster
         yield os.environ["RAY_ADDRESS"]
         return
     from ray_head import ray_head
 
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    from fedsparse.simulation import set_ray_defaults
+
+    set_ray_defaults()
     with ray_head(num_cpus=os.cpu_count() or 1) as (address, _):
         os.environ["RAY_ADDRESS"] = address
         try:
