@@ -295,7 +295,8 @@ def _fit_partitioner(
     except ValueError as err:
         raise ValueError(
             f"Dirichlet partitioning failed ({err}). Fix: a larger federation.alpha, "
-            "fewer clients, or a lower federation.min_partition_size."
+            "fewer clients, a lower federation.min_partition_size, or another seed "
+            f"(the draw depends on it; seed={seed} drew no valid partition in 10 tries)."
         ) from err
     return partitioner
 

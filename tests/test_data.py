@@ -152,7 +152,7 @@ def test_partition_errors_name_the_fix():
     data = _indexed(20, [i % 2 for i in range(20)])
     with pytest.raises(ValueError, match="fewer clients"):
         partition(data, 30, 0)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match="larger federation.alpha.*another seed"):
         partition(data, 10, 0, "dirichlet", alpha=0.01, min_partition_size=5)
     with pytest.raises(ValueError, match="outside"):
         partition(data, 2, 2)
