@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsparse.report import (
+from fedsparse.results import progress
+from fedsparse.tables import (
     Group,
     bytes_to_target,
     final_metric,
@@ -27,7 +28,6 @@ from fedsparse.report import (
     mean_std,
     series,
 )
-from fedsparse.results import progress
 
 DEFAULT_TARGETS = (0.80, 0.85)
 TREND_ROUNDS = 3  # a curve has flattened when its slope over this many last rounds is ~0

@@ -17,9 +17,10 @@ from fedsparse import checkpoint
 from fedsparse.methods import Method
 from fedsparse.metrics import main_metric
 from fedsparse.model import load_tokenizer
-from fedsparse.report import format_comm_table, format_round, plot_runs
+from fedsparse.report import plot_runs
 from fedsparse.results import RunWriter
 from fedsparse.strategy import PackedState
+from fedsparse.tables import format_comm_table, format_round
 from fedsparse.train import evaluate
 
 MODEL_DIR = "model"  # the merged model, in stock Hugging Face format

@@ -20,9 +20,9 @@ from transformers import AutoModelForSequenceClassification
 from fedsparse import checkpoint
 from fedsparse.config import compose_config
 from fedsparse.methods import build_method
-from fedsparse.report import load_runs
 from fedsparse.results import RunWriter, is_finished
 from fedsparse.simulation import run_simulation
+from fedsparse.tables import load_runs
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 

@@ -19,12 +19,12 @@ from fedsparse.client_app import handle_train
 from fedsparse.config import compose_config
 from fedsparse.methods import build_method
 from fedsparse.model import load_model
-from fedsparse.report import format_comm_table, human_bytes
 from fedsparse.results import read_run
 from fedsparse.sampling import partition_reply
 from fedsparse.secagg import SecAggRunner
 from fedsparse.server_app import make_strategy
 from fedsparse.strategy import CommLedger, wire_bytes
+from fedsparse.tables import format_comm_table, human_bytes
 
 CLIENTS = 3
 BASE = [
