@@ -34,7 +34,7 @@ import json, sys, time
 start = float(sys.argv[1])
 t = {"interpreter": time.time() - start}
 import fedsparse.client_app as ca
-from fedsparse.config import compose_config
+from fedsparse.run import compose_config
 t["imports"] = time.time() - start - sum(t.values())
 cfg = compose_config(())
 method = ca.client_method(cfg)

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from common import write_result
 
-from fedsparse.config import compose_config
 from fedsparse.data import dev_split, train_split
 from fedsparse.methods import build_method
 from fedsparse.model import load_model, load_tokenizer
+from fedsparse.run import compose_config
 from fedsparse.train import evaluate, make_loader, train
 
 

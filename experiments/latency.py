@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedsparse.config import compose_config
 from fedsparse.methods import build_method
 from fedsparse.model import load_model
+from fedsparse.run import compose_config
 
 
 class HiddenStateAdapter(nn.Module):

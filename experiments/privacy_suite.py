@@ -28,8 +28,9 @@ from pathlib import Path
 
 from common import write_result
 
-from fedsparse.config import compose_config, run_dir
+from fedsparse.config import run_dir
 from fedsparse.results import read_run
+from fedsparse.run import compose_config
 
 
 def run(*overrides: str) -> tuple[dict, list[dict], dict]:

@@ -20,11 +20,11 @@ from common import write_result
 from flwr.app import Array, ArrayRecord
 from flwr.common.serde import array_record_to_proto
 
-from fedsparse.client_app import client_shard
-from fedsparse.config import compose_config
+from fedsparse.client_train import client_shard
 from fedsparse.methods import build_method
 from fedsparse.methods.index_codec import CODECS
 from fedsparse.model import load_model
+from fedsparse.run import compose_config
 from fedsparse.train import train
 
 

@@ -11,9 +11,9 @@ import argparse
 
 from common import write_result
 
-from fedsparse.config import compose_config
 from fedsparse.methods import METHODS, build_method
 from fedsparse.model import load_model
+from fedsparse.run import compose_config
 
 VARIANTS = [
     ("pafi", []),

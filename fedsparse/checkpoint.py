@@ -1,13 +1,15 @@
 """Checkpoints: after every round, everything a run needs to continue bit-identically.
 
 One file, `<run dir>/checkpoint.npz`, holds the global packed vector, the server optimiser's
-state (FedAvgM momentum, FedAdam moments), the round and the results so far. It is written to
-a temporary file, flushed to disk and renamed over the previous one, so a run killed at any
-moment leaves either the previous round's checkpoint or this one, never half of one.
+state (FedAvgM momentum, FedAdam moments), the round, the results so far and the state of the
+run's secret generators (central DP noise). It is written to a temporary file, flushed to disk
+and renamed over the previous one, so a run killed at any moment leaves either the previous
+round's checkpoint or this one, never half of one.
 
-There is no random-number state to save: client sampling draws from a generator keyed by
-(seed, round), and each client reseeds its data order and dropout from (seed, round,
-partition) every round, so a resumed run draws exactly what the uninterrupted run would have.
+Every other random draw is a function of the public seed: client sampling draws from a
+generator keyed by (seed, round), and each client reseeds its data order, dropout and SecAgg+
+rounding from (seed, round, partition) every round, so a resumed run draws exactly what the
+uninterrupted run would have. Because of the DP noise state, a checkpoint is a secret.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
 FILE = "checkpoint.npz"
 STATE_PREFIX = "state."
+SCHEMA_VERSION = 2  # 1: saved before versions existed (no generators)
 
 
 @dataclass
@@ -30,12 +32,19 @@ class Checkpoint:
     values: np.ndarray
     history: list[dict]  # the rounds.jsonl records so far, round 0 included
     strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
+    generators: dict[str, dict] = field(default_factory=dict)  # name -> numpy bit-generator state
 
 
 def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
     path = Path(run_dir) / FILE
     tmp = path.with_name(FILE + ".tmp")
-    meta = json.dumps({"round": checkpoint.round, "history": checkpoint.history}).encode()
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "round": checkpoint.round,
+        "history": checkpoint.history,
+        "generators": checkpoint.generators,
+    }
+    meta = json.dumps(meta).encode()
     arrays = {f"{STATE_PREFIX}{k}": v for k, v in checkpoint.strategy_state.items()}
     with tmp.open("wb") as f:
         np.savez(f, values=checkpoint.values, meta=np.frombuffer(meta, np.uint8), **arrays)
@@ -55,18 +64,4 @@ def load(run_dir: Path) -> Checkpoint:
     with np.load(path) as data:
         meta = json.loads(data["meta"].tobytes())
         state = {k.removeprefix(STATE_PREFIX): data[k] for k in data.files if k.startswith(STATE_PREFIX)}
-        return Checkpoint(meta["round"], data["values"], meta["history"], state)
-
-
-def resume_config(run_dir: str | Path) -> DictConfig:
-    """The saved configuration of the run in `run_dir`, pointed back at that directory."""
-    path = Path(run_dir)
-    if not (path / "config.yaml").exists():
-        raise FileNotFoundError(
-            f"resume={run_dir}: no config.yaml there; pass the directory of a fedsparse run."
-        )
-    cfg = OmegaConf.load(path / "config.yaml")
-    if cfg.mode != "federated":
-        raise ValueError(f"resume={run_dir}: only federated runs checkpoint (this one is mode={cfg.mode}).")
-    cfg.output_dir, cfg.run_name, cfg.resume = str(path.parent), path.name, str(path)
-    return cfg
+        return Checkpoint(meta["round"], data["values"], meta["history"], state, meta.get("generators", {}))

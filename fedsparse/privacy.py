@@ -17,13 +17,16 @@ noised, accounted) only when all `clients_per_round` sampled clients sent valid 
 fails or is rejected the round is skipped and the global state stays, as Flower's wrappers do
 on client errors. Epsilon is tracked with Flower's `RdpAccountant` (dp-accounting), per round;
 a resumed run replays the releases recorded in its history into a fresh accountant, so epsilon
-continues from where the interrupted run stopped.
+continues from where the interrupted run stopped. The noise is drawn from a generator seeded
+from OS entropy at the start of the run, never from the public `seed`; its state is kept in the
+checkpoint only, so a resumed run continues the same noise (and the checkpoint is a secret).
 Adaptive clipping is not offered: in Flower 1.41 its update moves the norm the wrong way (see
 docs/privacy.md and tests/test_privacy.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -103,9 +106,10 @@ class _PackedDp:
     clipping_norm: float
     num_sampled_clients: int
 
-    def _setup(self, population: int, delta: float, history: Sequence[dict] = ()) -> None:
-        """`history`: the rounds.jsonl records of the rounds run before a resume."""
+    def _setup(self, population: int, delta: float, noise: np.random.Generator) -> None:
+        """`noise`: the run's secret generator of DP noise (never seeded from the public seed)."""
         self.rounds: dict[int, dict] = {}  # round (counting resumed ones) -> what was released and spent
+        self.noise = noise
         self.rdp = None
         if self.noise_multiplier > 0:
             config = PrivacyConfig(
@@ -115,9 +119,22 @@ class _PackedDp:
                 sampling_method=SamplingMethod.NO_AMPLIFICATION,
             )
             self.rdp = RdpAccountant(config)
-            for record in history:  # every release already spent privacy; replay it
-                if record.get("privacy", {}).get("released"):
-                    self._account()
+
+    def replay_releases(self, history: Sequence[dict]) -> None:
+        """A resumed run's accountant: every release recorded before the resume already spent privacy."""
+        for record in history:
+            if self.rdp is not None and record.get("privacy", {}).get("released"):
+                self._account()
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        """Flower's Gaussian noise (the same std), drawn from the run's secret generator instead of
+        numpy's global one, so that a resumed run continues the same noise stream."""
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        noised = {}
+        for key, array in aggregated_arrays.items():
+            values = array.numpy()
+            noised[key] = Array(values + self.noise.normal(0, std, values.shape).astype(values.dtype))
+        return ArrayRecord(noised)
 
     def _account(self) -> None:
         self.rdp.compose(
@@ -187,10 +204,10 @@ class ClientSideDp(_PackedDp, DifferentialPrivacyClientSideFixedClipping):
     """Central DP, each client clips its own update (`fixedclipping_mod`); the server verifies."""
 
 
-def wrap(strategy: PackedState, cfg: DictConfig, history: Sequence[dict] = ()):
+def wrap(strategy: PackedState, cfg: DictConfig, noise: np.random.Generator):
     """What runs the rounds: the packed strategy, a DP wrapper around it, or the SecAgg+ runner.
-    All have `start(grid, initial_arrays, num_rounds, train_config, evaluate_fn)`. `history`:
-    the records of the rounds before a resume (the accountant replays their releases)."""
+    All have `start(grid, initial_arrays, num_rounds, train_config, evaluate_fn)`. `noise`: the
+    run's secret generator of central DP noise (`fedsparse.run`)."""
     p = cfg.get("privacy")
     if p is None:
         return strategy
@@ -202,7 +219,7 @@ def wrap(strategy: PackedState, cfg: DictConfig, history: Sequence[dict] = ()):
     wrapped = cls(
         strategy, float(p.noise_multiplier), float(p.clipping_norm), cfg.federation.clients_per_round
     )
-    wrapped._setup(cfg.federation.num_clients, float(p.delta), history)
+    wrapped._setup(cfg.federation.num_clients, float(p.delta), noise)
     return wrapped
 
 
@@ -235,14 +252,16 @@ def client_mod(resolve: Callable[[Context], DictConfig]) -> Mod:
     client-side DP mod. The config is resolved per message (deployment reads the run config)."""
 
     def mod(msg: Message, ctxt: Context, call_next: Callable) -> Message:
-        p = resolve(ctxt).get("privacy")
+        cfg = resolve(ctxt)
+        p = cfg.get("privacy")
         mods: list[Mod] = []
         if p is not None and p.dp == "client":
             mods.append(fixedclipping_mod)
         elif p is not None and p.dp == "local":
             c = float(p.clipping_norm)
             mods.append(LocalDpMod(c, 2 * c, float(p.local_epsilon), float(p.delta)))
-        mods.insert(0, secagg_mod)  # passes through unless the message is a SecAgg+ one
+        # outermost; passes through unless the message is a SecAgg+ one
+        mods.insert(0, functools.partial(secagg_mod, seed=int(cfg.seed)))
         for outer in reversed(mods):
             call_next = _bind(outer, call_next)
         return call_next(msg, ctxt)

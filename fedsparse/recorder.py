@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from fedsparse import checkpoint
@@ -19,6 +19,7 @@ from fedsparse.metrics import main_metric
 from fedsparse.model import load_tokenizer
 from fedsparse.report import plot_runs
 from fedsparse.results import RunWriter
+from fedsparse.run import Run
 from fedsparse.strategy import PackedState
 from fedsparse.tables import format_comm_table, format_round
 from fedsparse.train import evaluate
@@ -31,26 +32,23 @@ class RoundRecorder:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        run: Run,
         method: Method,
         strategy: PackedState,
         dev_loader: DataLoader,
         full_message_bytes: int,
-        resumed: checkpoint.Checkpoint | None = None,
         extra_fields: Callable[[int], dict] = lambda server_round: {},
     ):
-        self.cfg, self.method, self.strategy, self.dev_loader = cfg, method, strategy, dev_loader
+        self.run, self.cfg = run, run.cfg
+        self.method, self.strategy, self.dev_loader = method, strategy, dev_loader
         self.full_message_bytes = full_message_bytes
         self.extra_fields = extra_fields
-        self.metric = main_metric(cfg.task.name)
-        self.history = list(resumed.history) if resumed else []
-        self.done = resumed.round if resumed else 0  # rounds completed before this process
-        self.start_values = resumed.values if resumed else method.initial_state()
+        self.metric = main_metric(self.cfg.task.name)
+        self.history = run.history
+        self.done = run.done  # rounds completed before this process
+        self.start_values = run.resumed.values if run.resumed else method.initial_state()
         self.last_values = self.start_values
-        if resumed:
-            strategy.round_offset = resumed.round
-            strategy.load_state_arrays(resumed.strategy_state)
-        self.writer = RunWriter(cfg, self.history if resumed else None)
+        self.writer = RunWriter(self.cfg, self.history if run.resumed else None)
         self.started = time.time() - (self.history[-1]["wall_seconds"] if self.history else 0.0)
 
     @property
@@ -85,7 +83,9 @@ class RoundRecorder:
         self.writer.add_round(record)
         self.history.append(record)
         self.writer.write_summary(self.summary(finished=False))
-        state = checkpoint.Checkpoint(server_round, values, self.history, s.state_arrays())
+        state = checkpoint.Checkpoint(
+            server_round, values, self.history, s.state_arrays(), self.run.generator_states()
+        )
         checkpoint.save(self.dir, state)
         print(format_round(record, self.cfg.federation.rounds, self.metric), flush=True)
         return MetricRecord(metrics)

@@ -14,8 +14,8 @@ class RunWriter:
     """Writes `<output_dir>/<run_name>/{config.yaml, rounds.jsonl, summary.json}` as the run goes.
 
     A new run refuses a directory that already holds files (it would mix two runs' results);
-    a resumed run rewrites `rounds.jsonl` from its checkpoint, dropping any round recorded
-    after the checkpoint was taken.
+    a resumed run rewrites `config.yaml` (its config as resumed) and `rounds.jsonl` from its
+    checkpoint, dropping any round recorded after the checkpoint was taken.
     """
 
     def __init__(self, cfg: DictConfig, resumed_history: list[dict] | None = None):
@@ -24,8 +24,9 @@ class RunWriter:
         if resumed_history is None:
             refuse_existing_run(cfg)
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg))
             resumed_history = []
+        # a resumed run's config as it continues: upgraded to today's layout, rounds as extended
+        _write_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg))
         _write_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in resumed_history))
 
     def add_round(self, record: dict) -> None:
@@ -71,7 +72,7 @@ def progress(path: str | Path) -> str:
     return f"round {data.get('rounds_done', '?')}/{data.get('rounds', '?')}"
 
 
-def finished(cfg: DictConfig) -> bool:
+def already_finished(cfg: DictConfig) -> bool:
     """True when this exact run already completed (sweeps skip it); raises if the run directory
     holds another configuration, which would otherwise be overwritten."""
     path = run_dir(cfg)

@@ -45,6 +45,7 @@ from fedsparse.strategy import INFO_KEY, METRICS_KEY, TRAIN_METRICS, CommLedger,
 log = logging.getLogger("fedsparse")
 TRAIN_STAGE = "collect_masked_vectors"  # the exchange that carries the model: ledgered as "train"
 FINGERPRINT = "fingerprint"
+ROUNDING_SALT = 0x5EC  # keeps the rounding stream apart from other draws keyed by (seed, round, partition)
 
 
 def largest_shard(cfg: DictConfig) -> int:
@@ -229,15 +230,24 @@ class SecAggRunner:
         }
 
 
-def secagg_mod(msg: Message, ctxt: Context, call_next: Callable) -> Message:
+def secagg_mod(msg: Message, ctxt: Context, call_next: Callable, seed: int) -> Message:
     """Client side: Flower's `secaggplus_mod` for SecAgg+ messages (both protocols send TRAIN
-    messages; only SecAgg+ ones carry its config record), everything else passes through."""
+    messages; only SecAgg+ ones carry its config record), everything else passes through.
+
+    Flower's stochastic rounding of the update draws from numpy's global generator; it is seeded
+    from (seed, round, partition) just before the rounding (`_legacy_train`) and the caller's
+    global state is restored afterwards, so a resumed run rounds exactly as the uninterrupted run
+    and nothing else in the process draws from a publicly seeded state."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
-    return secaggplus_mod(msg, ctxt, lambda m, c: _legacy_train(m, c, call_next))
+    saved = np.random.get_state()
+    try:
+        return secaggplus_mod(msg, ctxt, lambda m, c: _legacy_train(m, c, call_next, seed))
+    finally:
+        np.random.set_state(saved)
 
 
-def _legacy_train(msg: Message, ctxt: Context, call_next: Callable) -> Message:
+def _legacy_train(msg: Message, ctxt: Context, call_next: Callable, seed: int) -> Message:
     """FitIns -> our train message -> the handler -> FitRes carrying the update."""
     fitins = recorddict_to_fitins(msg.content, keep_input=True)
     received = parameters_to_ndarrays(fitins.parameters)[0]
@@ -266,4 +276,8 @@ def _legacy_train(msg: Message, ctxt: Context, call_next: Callable) -> Message:
         )
     metrics[FINGERPRINT] = str(reply.content[INFO_KEY][FINGERPRINT])
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([update]), n, metrics)
+    rounding = np.random.SeedSequence(
+        [seed, int(fitins.config["server-round"]), int(ctxt.node_config["partition-id"]), ROUNDING_SALT]
+    )
+    np.random.set_state(np.random.RandomState(np.random.MT19937(rounding)).get_state())
     return Message(fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -8,12 +8,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedsparse import checkpoint, privacy
-from fedsparse.config import from_run_config, run_dir
+from fedsparse import privacy
 from fedsparse.data import TASKS, dev_split
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
 from fedsparse.recorder import RoundRecorder
+from fedsparse.run import NOISE, Run, prepare_from_run_config
 from fedsparse.sampling import ClientSampler
 from fedsparse.strategy import STRATEGIES, CommLedger, PackedState, wire_bytes
 from fedsparse.train import make_loader
@@ -53,11 +53,10 @@ def full_model_bytes(num_parameters: int) -> int:
     return wire_bytes(Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN))
 
 
-def run_server(grid: Grid, cfg: DictConfig) -> dict:
-    """One federated run (or the rest of one, with `resume=<run dir>`); returns the summary
-    that is also written to summary.json."""
-    if cfg.resume:
-        cfg = checkpoint.resume_config(cfg.resume)
+def run_server(grid: Grid, run: Run) -> dict:
+    """One federated run (or the rest of one: `run.resumed`); returns the summary that is also
+    written to summary.json."""
+    cfg = run.cfg
     task = cfg.task.name
     model = load_model(cfg.model.name, TASKS[task].num_labels, cfg.seed)
     method = build_method(model, cfg.method)
@@ -69,16 +68,15 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
         shuffle=False,
     )
     strategy = make_strategy(cfg, method, CommLedger(method.head_size))
-    resumed = checkpoint.load(run_dir(cfg)) if cfg.resume else None
     # the strategy itself unless DP or SecAgg+ is on
-    runner = privacy.wrap(strategy, cfg, resumed.history if resumed else ())
+    runner = privacy.wrap(strategy, cfg, run.generators[NOISE])
+    run.restore(strategy, runner)
     recorder = RoundRecorder(
-        cfg,
+        run,
         method,
         strategy,
         dev_loader,
         full_model_bytes(sum(p.numel() for p in model.parameters())),
-        resumed=resumed,
         extra_fields=lambda server_round: privacy.round_record(cfg, runner, server_round),
     )
     fed = cfg.federation
@@ -86,7 +84,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
         f"fedsparse: {cfg.method.name} on {task} ({cfg.model.name}), {fed.num_clients} clients, "
         f"{fed.clients_per_round}/round, {fed.rounds} rounds, {fed.partitioner} alpha={fed.alpha}; "
         f"{method.num_values():,} values per message; results -> {recorder.dir}"
-        + (f"; resuming after round {recorder.done}" if cfg.resume else ""),
+        + (f"; resuming after round {run.done}" if run.resumed else ""),
         flush=True,
     )
     train_config = ConfigRecord(
@@ -100,7 +98,7 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
     runner.start(
         grid=grid,
         initial_arrays=ArrayRecord({"values": Array(recorder.start_values)}),
-        num_rounds=fed.rounds - recorder.done,
+        num_rounds=fed.rounds - run.done,
         timeout=float(fed.round_timeout),
         train_config=train_config,
         evaluate_fn=recorder.evaluate,
@@ -108,13 +106,18 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict:
     return recorder.finish()
 
 
-def make_server_app(cfg: DictConfig | None = None) -> ServerApp:
-    """A ServerApp bound to `cfg` (simulation), or reading the run config (deployment)."""
+def make_server_app(run: Run | None = None) -> ServerApp:
+    """A ServerApp bound to `run` (simulation), or preparing its run from the run config
+    (deployment: `flwr run . --run-config 'overrides="..."'`)."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg if cfg is not None else from_run_config(context.run_config))
+        this = run if run is not None else prepare_from_run_config(context.run_config)
+        if this.finished:
+            print(f"skip: {this.dir} is finished with this configuration", flush=True)
+            return
+        run_server(grid, this)
 
     return app
 

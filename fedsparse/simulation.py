@@ -16,6 +16,7 @@ from fedsparse.client_app import make_client_app
 from fedsparse.config import run_dir
 from fedsparse.data import format_label_histograms, label_histograms, partition_all, train_split
 from fedsparse.results import is_finished, progress, refuse_existing_run
+from fedsparse.run import Run, new_run
 from fedsparse.server_app import make_server_app
 
 
@@ -70,8 +71,10 @@ def set_ray_defaults() -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
-def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
-    """Simulate `federation.num_clients` nodes; returns the run directory."""
+def run_simulation(run: Run | DictConfig, verbose: bool = False) -> Path:
+    """Simulate `federation.num_clients` nodes; returns the run directory. A config is a new run."""
+    run = run if isinstance(run, Run) else new_run(run)
+    cfg = run.cfg
     refuse_existing_run(cfg)  # before anything is written or started
     describe_shards(cfg, run_dir(cfg))
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -81,8 +84,8 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> Path:
     threads = str(max(1, int(cfg.federation.client_cpus)))
     with environment(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
         flwr_run_simulation(
-            server_app=make_server_app(cfg),
-            client_app=make_client_app(cfg),
+            server_app=make_server_app(run),
+            client_app=make_client_app(cfg),  # the server's own config object: one resolved config
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend_config(cfg),
             verbose_logging=verbose,

@@ -12,11 +12,11 @@ from conftest import method_cfg, tiny_model
 from omegaconf import OmegaConf
 
 from fedsparse import cache
-from fedsparse.client_app import _shard, client_shard, shard_entry
-from fedsparse.config import compose_config
+from fedsparse.client_train import _shard, client_shard, shard_entry
 from fedsparse.methods.base import checkpoint_digest
 from fedsparse.methods.pafi import cached_mask, compute_mask
 from fedsparse.model import load_tokenizer
+from fedsparse.run import compose_config
 
 PAFI = {"density": 0.05}
 NODE = {"partition-id": 1, "num-partitions": 3}

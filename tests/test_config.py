@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fedsparse.config import auto_run_name, compose_config, from_run_config, to_run_config
+from fedsparse.config import auto_run_name, to_run_config
 from fedsparse.methods.pafi import BACKWARDS
+from fedsparse.run import compose_config, from_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -56,8 +57,8 @@ def test_pyproject_declares_only_the_bridge_key():
         ("federation.clients_per_round=11", "clients_per_round"),
         ("federation.strategy=scaffold", "strategy"),
         ("mode=serverless", "mode"),
-        ("train.local_steps=-1", r"train.local_steps must be >= 1 \(or null"),  # ran 0 steps, loss -0.0
-        ("train.local_steps=0", "train.local_steps must be >= 1"),
+        ("train.local_steps=-1", r"train.local_steps=-1: must be >= 1 \(or null"),  # ran 0 steps, loss -0.0
+        ("train.local_steps=0", "train.local_steps=0: must be >= 1"),
         ("train.local_epochs=1", "set only one of train.local_steps and train.local_epochs"),
     ],
 )
@@ -68,7 +69,7 @@ def test_bad_values_fail_with_the_fix(override, message):
 
 def test_local_epochs_replace_the_steps_and_must_be_positive():
     assert compose_config(["train.local_steps=null", "train.local_epochs=0.5"]).train.local_epochs == 0.5
-    with pytest.raises(ValueError, match="train.local_epochs must be > 0"):
+    with pytest.raises(ValueError, match="train.local_epochs=-1: must be > 0"):
         compose_config(["train.local_steps=null", "train.local_epochs=-1"])
 
 
@@ -116,14 +117,14 @@ def test_auto_run_names_follow_the_configuration():
 
 
 def test_a_finished_run_is_skipped_and_another_config_refused(tmp_path):
-    from fedsparse.results import RunWriter, finished
+    from fedsparse.results import RunWriter, already_finished
 
     cfg = compose_config(["run_name=auto", f"output_dir={tmp_path}"])
-    assert not finished(cfg)
+    assert not already_finished(cfg)
     writer = RunWriter(cfg)
-    assert not finished(cfg)  # started but not finished: run it again
+    assert not already_finished(cfg)  # started but not finished: run it again
     writer.write_summary({"final": {}})
-    assert finished(cfg)
+    assert already_finished(cfg)
     # a run saved before later settings existed (absent from its config.yaml) is the same run
     saved = OmegaConf.load(writer.dir / "config.yaml")
     for key in ("privacy", "save_model", "resume"):
@@ -131,10 +132,10 @@ def test_a_finished_run_is_skipped_and_another_config_refused(tmp_path):
     for key in ("fail_rate", "fail_mode", "max_examples", "min_replies", "round_timeout"):
         saved.federation.pop(key)
     OmegaConf.save(saved, writer.dir / "config.yaml")
-    assert finished(cfg)
+    assert already_finished(cfg)
     clash = compose_config([f"run_name={cfg.run_name}", f"output_dir={tmp_path}", "seed=5"])
     with pytest.raises(FileExistsError, match="another configuration"):
-        finished(clash)
+        already_finished(clash)
 
 
 def test_committed_results_keep_their_auto_names():

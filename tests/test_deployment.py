@@ -22,9 +22,9 @@ from flower_procs import (
 )
 from flwr.cli.build import build_fab_from_disk
 
-from fedsparse.config import compose_config
 from fedsparse.relay import DOWN, UP, Relay, windows
 from fedsparse.results import read_run
+from fedsparse.run import compose_config
 from fedsparse.simulation import run_simulation
 
 OVERRIDES = [

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fedsparse.config import compose_config
+from fedsparse.run import compose_config
 from fedsparse.simulation import run_simulation
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)

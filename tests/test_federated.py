@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import SHARED_GLUE
 
-from fedsparse.config import compose_config
 from fedsparse.methods import build_method
 from fedsparse.model import load_model
 from fedsparse.results import read_run
+from fedsparse.run import compose_config
 from fedsparse.simulation import run_simulation
 from fedsparse.strategy import PackedState
 
@@ -196,7 +196,7 @@ def test_optional_client_side_evaluation_is_recorded(tmp_path):
 
 @pytest.mark.skipif(not SHARED_GLUE.exists(), reason="needs the GLUE TSVs beside the repo")
 def test_a_nodes_data_dir_is_its_whole_training_set():
-    from fedsparse.client_app import client_shard
+    from fedsparse.client_train import client_shard
 
     cfg = compose_config(
         [

@@ -10,9 +10,10 @@ import torch
 from conftest import method_cfg, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedsparse.config import compose_config, training_settings
+from fedsparse.config import training_settings
 from fedsparse.methods import build_method
 from fedsparse.model import TINY_BERT, load_tokenizer
+from fedsparse.run import compose_config
 from fedsparse.server_app import make_strategy
 from fedsparse.strategy import CommLedger, PackedFedProx
 from fedsparse.train import _batches, make_loader, train
@@ -96,7 +97,7 @@ def test_proximal_mu_names_only_fedprox_runs():
         for mu in (0.01, 0.1)
     }
     assert len(names) == 2
-    with pytest.raises(ValueError, match="proximal_mu must be >= 0"):
+    with pytest.raises(ValueError, match=r"proximal_mu=\S+: must be >= 0"):
         compose_config(["federation.strategy=fedprox", "federation.proximal_mu=-1"])
 
 
@@ -109,5 +110,5 @@ def test_head_lr_scale_slows_only_the_head():
     assert moved[-head:].max() < 1e-3 * LR * STEPS * 1.01  # AdamW moves an entry <= lr per step
     assert np.abs(plain - start)[-head:].max() > 0.5 * LR  # at the full rate the head does move
     assert moved[:-head].max() > 0.5 * LR  # the masked entries still train at lr
-    with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
+    with pytest.raises(ValueError, match=r"head_lr_scale=\S+: must be > 0"):
         compose_config(["train.head_lr_scale=0"])

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from fedsparse import client_app
-from fedsparse.config import compose_config
 from fedsparse.methods import METHODS, build_method
 from fedsparse.methods.index_codec import decode_indices, encode_indices
 from fedsparse.methods.pafi import candidate_parameters, compute_mask
+from fedsparse.run import compose_config
 
 
 def _train_steps(method, batch, steps=3, lr=1e-2):

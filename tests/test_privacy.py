@@ -15,9 +15,9 @@ from flwr.serverapp import (
 )
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
 
-from fedsparse.config import compose_config
 from fedsparse.methods import build_method
 from fedsparse.privacy import ClientSideDp, ServerSideDp, client_mod, local_noise_std, round_record, wrap
+from fedsparse.run import NOISE, compose_config, prepare
 
 N, C = 4, 0.5  # sampled clients, clipping norm
 
@@ -52,7 +52,7 @@ def _updates(size: int, seed: int = 0) -> list[np.ndarray]:
 
 def _dp(cls, strategy, noise_multiplier: float):
     dp = cls(strategy, noise_multiplier, C, N)
-    dp._setup(population=10, delta=1e-5)
+    dp._setup(population=10, delta=1e-5, noise=np.random.default_rng(0))
     return dp
 
 
@@ -81,7 +81,6 @@ def test_central_noise_has_the_configured_std_and_epsilon_grows_as_the_accountan
     reference = RdpAccountant(
         PrivacyConfig(1e-5, 10, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
     )
-    np.random.seed(0)  # Flower draws the noise from numpy's global generator
     epsilons = []
     for rnd in (1, 2, 3):
         updates = _updates(g.size, seed=rnd)
@@ -192,7 +191,7 @@ def test_a_resumed_central_dp_run_continues_the_privacy_spent(strategy):
     g = strategy.global_values
     cfg = compose_config(["model=tiny", "privacy.dp=server", "privacy.noise_multiplier=1.2"])
     cfg.federation.clients_per_round, cfg.privacy.clipping_norm = N, C
-    whole = wrap(strategy, cfg)
+    whole = wrap(strategy, cfg, np.random.default_rng(0))
     history = [{"round": 0}]
     for rnd in (1, 2, 3):
         replies = [_reply(strategy, g + u, 7) for u in _updates(g.size, seed=rnd)]
@@ -202,9 +201,26 @@ def test_a_resumed_central_dp_run_continues_the_privacy_spent(strategy):
         history.append({"round": rnd, **round_record(cfg, whole, rnd)})
     assert [r["privacy"]["released"] for r in history[1:]] == [True, False, True]
 
-    resumed = wrap(strategy, cfg, history[:3])  # interrupted after round 2
+    resumed = wrap(strategy, cfg, np.random.default_rng(0))
+    resumed.replay_releases(history[:3])  # interrupted after round 2
     strategy.round_offset = 2
     resumed.aggregate_train(1, [_reply(strategy, g + u, 7) for u in _updates(g.size, seed=3)])
     assert resumed.rdp.num_releases == whole.rdp.num_releases == 2
     assert resumed.rounds[3]["epsilon"] == pytest.approx(whole.rounds[3]["epsilon"])
     assert resumed.rounds[3]["epsilon"] > whole.rounds[1]["epsilon"]
+
+
+def test_two_runs_with_the_same_public_seed_draw_different_noise(strategy):
+    """The noise comes from a secret drawn at run start, not from `seed` (which config.yaml
+    publishes) nor from numpy's global generator: knowing both does not give the noise."""
+    g = strategy.global_values
+    overrides = ["model=tiny", "seed=3", "privacy.dp=server", "privacy.noise_multiplier=1.2"]
+    released = []
+    for _ in range(2):
+        run = prepare(overrides)
+        run.cfg.federation.clients_per_round, run.cfg.privacy.clipping_norm = N, C
+        np.random.seed(0)  # the global generator in the same state for both runs
+        dp = wrap(strategy, run.cfg, run.generators[NOISE])
+        arrays, _ = dp.aggregate_train(1, [_reply(strategy, g + u, 7) for u in _updates(g.size)])
+        released.append(arrays["values"].numpy())
+    assert not np.allclose(released[0], released[1])

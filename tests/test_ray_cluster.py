@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from ray_head import cluster_processes, ray_head
 
-from fedsparse.config import compose_config
 from fedsparse.results import read_run
+from fedsparse.run import compose_config
 from fedsparse.simulation import backend_config, run_simulation
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 
-from fedsparse.config import compose_config
+from fedsparse.run import compose_config
 from fedsparse.sampling import ClientSampler, partition_reply
 from fedsparse.simulation import run_simulation
 from fedsparse.strategy import PackedState

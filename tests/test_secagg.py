@@ -15,11 +15,11 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.serde import message_from_proto, message_to_proto
 
 from fedsparse import privacy
-from fedsparse.client_app import handle_train
-from fedsparse.config import compose_config
+from fedsparse.client_train import handle_train
 from fedsparse.methods import build_method
 from fedsparse.model import load_model
 from fedsparse.results import read_run
+from fedsparse.run import compose_config
 from fedsparse.sampling import partition_reply
 from fedsparse.secagg import SecAggRunner
 from fedsparse.server_app import make_strategy
