@@ -17,7 +17,8 @@ from fedsparse import client_app
 from fedsparse.config import compose_config
 from fedsparse.methods import METHODS, build_method
 from fedsparse.methods.index_codec import decode_indices, encode_indices
-from fedsparse.methods.pafi import candidate_parameters, compute_mask
+from fedsparse.methods.pafi import GROUPS, candidate_parameters, compute_mask
+from fedsparse.model import head_parameter_names
 
 
 def _train_steps(method, batch, steps=3, lr=1e-2):
@@ -232,6 +233,34 @@ def test_pafi_masked_backward_equals_autograd_through_the_dense_weight(batch, ke
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
     assert grads[0][: method.mask.size].abs().max() > 0
+
+
+# each mask group alone, the issue's combination, and all of them (`method.groups`)
+GROUP_CHOICES = [*GROUPS, "attention,bias", ",".join(GROUPS)]
+
+
+@pytest.mark.parametrize("kernel", ["sddmm", "gather", "dense"])
+@pytest.mark.parametrize("groups", GROUP_CHOICES)
+def test_pafi_gradients_are_the_dense_models_at_the_mask_for_every_group(batch, groups, kernel):
+    """Every trained tensor (a masked Linear's bias included) gets the gradient that autograd
+    gives the plain model, gathered at the mask."""
+    cfg = method_cfg("pafi", scope="per_tensor", density=0.5, groups=groups, masked_backward=kernel)
+    method = build_method(tiny_model(), cfg)
+    method.model.eval()  # no dropout: both models compute the same function
+    method.model(**batch).loss.backward()
+    dense = tiny_model().eval()
+    dense(**batch).loss.backward()
+    masked = [(n, i) for n, i in zip(method.mask.names, method.mask.indices) if i.numel()]
+    head = head_parameter_names(dense)
+    names = [n for n, _ in masked] + head
+    expected = [dense.get_parameter(n).grad.reshape(-1)[i] for n, i in masked]
+    expected += [dense.get_parameter(n).grad for n in head]
+    params = method.parameters()
+    assert len(params) == len(names)
+    missing = [n for n, p in zip(names, params) if p.grad is None]
+    assert not missing, f"{len(missing)} of {len(params)} trained tensors without a gradient: {missing}"
+    for name, param, want in zip(names, params, expected):
+        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_pafi_refuses_an_unknown_backward():
