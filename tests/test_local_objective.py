@@ -112,3 +112,17 @@ def test_head_lr_scale_slows_only_the_head():
     assert moved[:-head].max() > 0.5 * LR  # the masked entries still train at lr
     with pytest.raises(ValueError, match=r"head_lr_scale=\S+: must be > 0"):
         compose_config(["train.head_lr_scale=0"])
+
+
+def test_fedprox_trains_the_biases_of_masked_linears():
+    """A masked Linear's bias gets its gradient through the masked backward, so the proximal
+    term has a gradient to add to and the bias values move (AdamW: by about lr in one step)."""
+    cfg = method_cfg("pafi", scope="per_tensor", density=0.5, groups="attention,bias")
+    method = build_method(tiny_model(), cfg)
+    names = [n for n, i in zip(method.mask.names, method.mask.indices) if i.numel()]
+    before = [v.detach().clone() for v in method.values]
+    train(method, _loader(), LR, steps=1, seed=SEED, proximal_mu=0.1)
+    moved = {n: (v.detach() - b).abs().max().item() for n, v, b in zip(names, method.values, before)}
+    # a key bias shifts every score of a query alike, which softmax ignores: its gradient is ~0
+    biases = [n for n in names if n.endswith(".bias") and ".key." not in n]
+    assert len(biases) == 11 and all(moved[n] > 0.5 * LR for n in biases), moved

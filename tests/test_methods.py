@@ -13,10 +13,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
-from fedsparse import client_app
+from fedsparse import client_train
 from fedsparse.methods import METHODS, build_method
 from fedsparse.methods.index_codec import decode_indices, encode_indices
-from fedsparse.methods.pafi import candidate_parameters, compute_mask
+from fedsparse.methods.pafi import GROUPS, candidate_parameters, compute_mask
+from fedsparse.model import head_parameter_names
 from fedsparse.run import compose_config
 
 
@@ -146,9 +147,9 @@ def test_every_method_has_its_own_fingerprint_on_the_same_checkpoint():
 @pytest.fixture
 def fresh_client_cache():
     """`client_app` keeps one model per process: start and leave it empty."""
-    client_app._method.cache_clear()
+    client_train._method.cache_clear()
     yield
-    client_app._method.cache_clear()
+    client_train._method.cache_clear()
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -163,10 +164,10 @@ def test_a_client_on_another_checkpoint_refuses_to_train(name, app_identity, fre
         }
     )
     msg = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
-    client_app._receive(client_app.client_method(cfg), msg)  # the same checkpoint is accepted
-    client_app._method.cache_clear()
+    client_train._receive(client_train.client_method(cfg), msg)  # the same checkpoint is accepted
+    client_train._method.cache_clear()
 
-    load = client_app.load_model
+    load = client_train.load_model
 
     def other_checkpoint(*args, **kwargs):
         model = load(*args, **kwargs)
@@ -174,10 +175,10 @@ def test_a_client_on_another_checkpoint_refuses_to_train(name, app_identity, fre
             model.bert.embeddings.word_embeddings.weight[5] += 1e-3  # one token nobody trains on
         return model
 
-    monkeypatch.setattr(client_app, "load_model", other_checkpoint)
+    monkeypatch.setattr(client_train, "load_model", other_checkpoint)
     context = Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), {})
     with pytest.raises(RuntimeError, match="Refusing to train"):
-        client_app.handle_train(msg, context, cfg)
+        client_train.handle_train(msg, context, cfg)
 
 
 def test_pafi_fingerprint_covers_the_mask():
@@ -232,6 +233,34 @@ def test_pafi_masked_backward_equals_autograd_through_the_dense_weight(batch, ke
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
     assert grads[0][: method.mask.size].abs().max() > 0
+
+
+# each mask group alone, the issue's combination, and all of them (`method.groups`)
+GROUP_CHOICES = [*GROUPS, "attention,bias", ",".join(GROUPS)]
+
+
+@pytest.mark.parametrize("kernel", ["sddmm", "gather", "dense"])
+@pytest.mark.parametrize("groups", GROUP_CHOICES)
+def test_pafi_gradients_are_the_dense_models_at_the_mask_for_every_group(batch, groups, kernel):
+    """Every trained tensor (a masked Linear's bias included) gets the gradient that autograd
+    gives the plain model, gathered at the mask."""
+    cfg = method_cfg("pafi", scope="per_tensor", density=0.5, groups=groups, masked_backward=kernel)
+    method = build_method(tiny_model(), cfg)
+    method.model.eval()  # no dropout: both models compute the same function
+    method.model(**batch).loss.backward()
+    dense = tiny_model().eval()
+    dense(**batch).loss.backward()
+    masked = [(n, i) for n, i in zip(method.mask.names, method.mask.indices) if i.numel()]
+    head = head_parameter_names(dense)
+    names = [n for n, _ in masked] + head
+    expected = [dense.get_parameter(n).grad.reshape(-1)[i] for n, i in masked]
+    expected += [dense.get_parameter(n).grad for n in head]
+    params = method.parameters()
+    assert len(params) == len(names)
+    missing = [n for n, p in zip(names, params) if p.grad is None]
+    assert not missing, f"{len(missing)} of {len(params)} trained tensors without a gradient: {missing}"
+    for name, param, want in zip(names, params, expected):
+        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_pafi_refuses_an_unknown_backward():

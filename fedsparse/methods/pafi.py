@@ -222,6 +222,8 @@ class SparseLinear(torch.autograd.Function):
     large as the forward) only to keep 0.5% of it. Here only the masked entries' gradients are
     computed, sum_t dy[t, row] * x[t, col]: by default as one SDDMM (`torch.sparse.sampled_addmm`
     on the mask's CSR pattern), or as a gather of the entries' rows and columns over the tokens.
+    A masked bias (group `bias`) gets its gradient sum_t dy[t], which its own parametrization
+    then gathers at its mask.
     """
 
     @staticmethod
@@ -229,6 +231,7 @@ class SparseLinear(torch.autograd.Function):
         effective = weight.reshape(-1).index_put((sparse.index,), values).view_as(weight)
         ctx.save_for_backward(x, effective)
         ctx.sparse, ctx.kernel = sparse, kernel
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return F.linear(x, effective, bias)
 
     @staticmethod
@@ -238,6 +241,7 @@ class SparseLinear(torch.autograd.Function):
         grad_x = grad_out @ effective if ctx.needs_input_grad[0] else None
         dy = grad_out.reshape(-1, grad_out.shape[-1])
         xs = x.reshape(-1, x.shape[-1])
+        grad_bias = dy.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         if ctx.kernel == "sddmm":
             pattern = torch.sparse_csr_tensor(
                 sparse.crow, sparse.cols, sparse.values.detach(), effective.shape, check_invariants=False
@@ -246,7 +250,7 @@ class SparseLinear(torch.autograd.Function):
         else:  # feature-major copies, so that gathering an entry's row/column reads contiguous memory
             dy, xs = dy.t().contiguous(), xs.t().contiguous()
             grad_values = (dy.index_select(0, sparse.rows) * xs.index_select(0, sparse.cols)).sum(1)
-        return grad_x, None, None, grad_values, None, None
+        return grad_x, None, grad_bias, grad_values, None, None
 
 
 def masked_linear_forward(module: nn.Linear, sparse: SparseValues, kernel: str):
