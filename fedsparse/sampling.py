@@ -196,8 +196,11 @@ class ClientSampler:
         for q in queries:
             self._count(server_round, "down", q)
         claims = {}
-        for reply in grid.send_and_receive(queries, timeout=timeout):
-            node = reply.metadata.src_node_id
+        replies = grid.send_and_receive(queries, timeout=timeout)
+        # the SuperLink's own error replies (a node it dropped) come from the SuperLink's node id
+        asked = {q.metadata.message_id: q.metadata.dst_node_id for q in queries if q.metadata.message_id}
+        for reply in replies:
+            node = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 self._note(server_round, f"node {node} did not report its partition id: {reply.error.reason}")
                 continue
