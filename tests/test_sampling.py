@@ -7,10 +7,10 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedsparse.run import compose_config
-from fedsparse.sampling import ClientSampler, partition_reply
+from fedsparse.sampling import INFO_KEY, PARTITION_KEY, ClientSampler, partition_reply
 from fedsparse.simulation import run_simulation
 from fedsparse.strategy import PackedState
 
@@ -79,17 +79,129 @@ def test_replies_are_ordered_by_partition():
 
 
 @pytest.mark.parametrize(
-    "partitions, error, match",
+    "partitions, match",
     [
-        ([0, 1, 1], ValueError, "Two SuperNodes report partition-id=1"),
-        ([0, 1, 7], ValueError, "partition-id=7, outside 0..2"),
-        ([0, 1], TimeoutError, r"missing partition ids \[2\]"),
+        ([0, 1], r"missing partition ids \[2\]\)\. Start .* federation\.num_clients\.$"),
+        ([0, 1, 1], r"missing partition ids \[1, 2\].*Left out: partition-id=1 is answered by nodes"),
+        (
+            [0, 1, 7],
+            r"missing partition ids \[2\].*Left out: node \d+ dropped: partition-id=7 is outside 0\.\.2",
+        ),
     ],
+    ids=["missing", "conflict", "out-of-range"],
 )
-def test_bad_populations_fail_with_the_fix(partitions, error, match):
+def test_an_incomplete_population_at_the_start_fails_with_the_fix(partitions, match):
+    """At the start every partition id needs one answering node; conflicting or dropped nodes
+    do not count, and the error says why they were left out."""
     sampler = ClientSampler(0, clients_per_round=2, num_clients=3, wait_timeout=0.5)
-    with pytest.raises(error, match=match):
+    with pytest.raises(TimeoutError, match=match):
         sampler.sample(FakeGrid(partitions, 0), 1)
+
+
+def info(partition) -> RecordDict:
+    """A query reply's content, as `partition_reply` builds it."""
+    return RecordDict({INFO_KEY: ConfigRecord({PARTITION_KEY: partition})})
+
+
+class Fleet:
+    """A grid whose nodes join, leave, fall silent (listed, never answering: a killed SuperNode
+    until the SuperLink drops it) or answer with any content."""
+
+    def __init__(self, nodes: dict[int, RecordDict | None]):
+        self.nodes = nodes  # node id -> reply content; None: listed but silent
+        self.asked: list[tuple[int, float]] = []  # (node id, timeout) per query
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.asked.append((node, timeout))
+            if self.nodes[node] is not None:
+                replies.append(Message(content=self.nodes[node], reply_to=msg))
+        return replies
+
+
+def _round(sampler: ClientSampler, fleet: Fleet, server_round: int) -> list[int]:
+    """One round's draw; returns the sampled node ids (all of them: clients_per_round = all)."""
+    view = sampler.sample(fleet, server_round)
+    assert [sampler.node_of[p] for p in sampler.sampled[(server_round, "train")]] == view.get_node_ids()
+    return sorted(view.get_node_ids())
+
+
+def test_a_restarted_node_takes_over_its_partition():
+    fleet = Fleet({10: info(0), 11: info(1)})
+    sampler = ClientSampler(0, clients_per_round=2, num_clients=2, probe_timeout=5)
+    assert _round(sampler, fleet, 1) == [10, 11]
+    fleet.nodes[10] = None  # SIGKILL: the SuperLink still lists it
+    fleet.nodes[12] = info(0)  # started again with the same --node-config: a new node id
+    fleet.asked.clear()
+    assert _round(sampler, fleet, 2) == [11, 12]
+    assert sampler.node_of == {0: 12, 1: 11}
+    assert fleet.asked == [(12, sampler.wait_timeout), (10, 5)]  # the old node is asked again, briefly
+    assert sampler.notes == {2: [sampler.left_out[10]]}
+    assert (
+        "node 10 held partition-id=0 and no longer answers: the id passes to node 12" in sampler.notes[2][0]
+    )
+    fleet.asked.clear()
+    assert _round(sampler, fleet, 3) == [11, 12]
+    assert fleet.asked == []  # the dead node is not asked again while it is listed
+    del fleet.nodes[10]  # the SuperLink drops it
+    assert _round(sampler, fleet, 4) == [11, 12]
+    assert sampler.left_out == {} and list(sampler.notes) == [2]
+
+
+@pytest.mark.parametrize("leaves", [11, 13])
+def test_two_nodes_answering_for_one_partition_sit_out_until_one_leaves(leaves):
+    fleet = Fleet({10: info(0), 11: info(1), 12: info(2)})
+    sampler = ClientSampler(0, clients_per_round=3, num_clients=3, probe_timeout=5)
+    assert _round(sampler, fleet, 1) == [10, 11, 12]
+    fleet.nodes[13] = info(1)  # a second node, alive, answers for partition 1
+    assert _round(sampler, fleet, 2) == [10, 12]
+    assert sampler.sampled[(2, "train")] == [0, 2]
+    assert sampler.conflicts == {1: {11, 13}}
+    assert sampler.notes[2] == [
+        "partition-id=1 is answered by nodes [11, 13]: all are left out until only one is listed "
+        "(a --node-config partition-id given twice, or an impostor)"
+    ]
+    fleet.asked.clear()
+    assert _round(sampler, fleet, 3) == [10, 12]  # the run goes on without partition 1
+    assert fleet.asked == []
+    del fleet.nodes[leaves]
+    stays = 24 - leaves
+    assert _round(sampler, fleet, 4) == sorted([10, 12, stays])
+    assert sampler.node_of[1] == stays and sampler.conflicts == {}
+    assert sampler.notes[4] == [f"partition-id=1: the other node left, node {stays} is back"]
+
+
+def test_invalid_replies_are_dropped_with_a_reason():
+    fleet = Fleet(
+        {
+            10: info(0),
+            11: info(1),
+            12: info(7),  # out of range
+            13: RecordDict(),  # no info record
+            14: RecordDict({"other": ConfigRecord({PARTITION_KEY: 0})}),  # no info record either
+            15: info("one"),  # unparsable
+            16: info(1.0),  # not an integer
+        }
+    )
+    sampler = ClientSampler(0, clients_per_round=2, num_clients=2)
+    assert _round(sampler, fleet, 1) == [10, 11]
+    assert sorted(sampler.left_out) == [12, 13, 14, 15, 16]
+    notes = sampler.notes[1]
+    assert len(notes) == 5
+    assert "node 12 dropped: partition-id=7 is outside 0..1 (federation.num_clients)" in notes[0]
+    assert notes[1:3] == [f"node {n} dropped: its reply has no info/partition-id record" for n in (13, 14)]
+    assert notes[3:] == [
+        "node 15 dropped: unparsable partition-id 'one'",
+        "node 16 dropped: unparsable partition-id 1.0",
+    ]
+    fleet.asked.clear()
+    assert _round(sampler, fleet, 2) == [10, 11]
+    assert fleet.asked == []  # not asked again while listed
 
 
 SIM = [
