@@ -26,8 +26,8 @@ from fedsparse.config import from_run_config
 from fedsparse.data import TASKS, partition, source_file, train_split
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
+from fedsparse.protocol import INFO_KEY, METRICS_KEY
 from fedsparse.sampling import partition_reply
-from fedsparse.strategy import INFO_KEY, METRICS_KEY
 from fedsparse.train import encode, encoded_loader, evaluate, train
 
 

@@ -19,7 +19,7 @@ from fedsparse.metrics import main_metric
 from fedsparse.model import load_tokenizer
 from fedsparse.report import format_comm_table, format_round, plot_runs
 from fedsparse.results import RunWriter
-from fedsparse.strategy import PackedState
+from fedsparse.strategy import PackedStrategy
 from fedsparse.train import evaluate
 
 MODEL_DIR = "model"  # the merged model, in stock Hugging Face format
@@ -32,7 +32,7 @@ class RoundRecorder:
         self,
         cfg: DictConfig,
         method: Method,
-        strategy: PackedState,
+        strategy: PackedStrategy,
         dev_loader: DataLoader,
         full_message_bytes: int,
         resumed: checkpoint.Checkpoint | None = None,

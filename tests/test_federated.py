@@ -14,7 +14,7 @@ from fedsparse.methods import build_method
 from fedsparse.model import load_model
 from fedsparse.results import read_run
 from fedsparse.simulation import run_simulation
-from fedsparse.strategy import PackedState
+from fedsparse.strategy import PackedStrategy
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 
@@ -38,7 +38,7 @@ METHOD_OPTIONS = {"pafi": ["method.density=0.2"], "topk": ["method.density=0.2"]
 def captured():
     """Every aggregation: the decoded replies (values, weight) and the aggregate."""
     calls = []
-    original = PackedState.aggregate_train
+    original = PackedStrategy.aggregate_train
 
     def spy(self, server_round, replies):
         replies = list(replies)
@@ -59,9 +59,9 @@ def captured():
         )
         return arrays, metrics
 
-    PackedState.aggregate_train = spy
+    PackedStrategy.aggregate_train = spy
     yield calls
-    PackedState.aggregate_train = original
+    PackedStrategy.aggregate_train = original
 
 
 @pytest.fixture(scope="module")

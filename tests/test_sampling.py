@@ -12,7 +12,7 @@ from flwr.app import Message, RecordDict
 from fedsparse.config import compose_config
 from fedsparse.sampling import ClientSampler, partition_reply
 from fedsparse.simulation import run_simulation
-from fedsparse.strategy import PackedState
+from fedsparse.strategy import PackedStrategy
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 
@@ -112,14 +112,14 @@ def sims(tmp_path_factory):
     would cost 40 s of the suite's budget.)"""
     out = tmp_path_factory.mktemp("sampling")
     finals: dict[str, np.ndarray] = {}
-    original = PackedState.aggregate_train
+    original = PackedStrategy.aggregate_train
 
     def keep_last(self, server_round, replies):
         arrays, metrics = original(self, server_round, replies)
         finals[current] = arrays["values"].numpy().copy()
         return arrays, metrics
 
-    PackedState.aggregate_train = keep_last
+    PackedStrategy.aggregate_train = keep_last
     runs = {}
     try:
         for current, extra in [
@@ -131,7 +131,7 @@ def sims(tmp_path_factory):
             path = run_simulation(cfg)
             runs[current] = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
     finally:
-        PackedState.aggregate_train = original
+        PackedStrategy.aggregate_train = original
     return runs, finals
 
 

@@ -15,6 +15,7 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.serde import message_from_proto, message_to_proto
 
 from fedsparse import privacy
+from fedsparse.accounting import CommLedger, wire_bytes
 from fedsparse.client_app import handle_train
 from fedsparse.config import compose_config
 from fedsparse.methods import build_method
@@ -24,7 +25,6 @@ from fedsparse.results import read_run
 from fedsparse.sampling import partition_reply
 from fedsparse.secagg import SecAggRunner
 from fedsparse.server_app import make_strategy
-from fedsparse.strategy import CommLedger, wire_bytes
 
 CLIENTS = 3
 BASE = [
