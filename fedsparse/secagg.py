@@ -113,7 +113,7 @@ class _LegacyBridge(LegacyStrategy):
         for key in TRAIN_METRICS[1:]:  # all but the weight
             metrics[key] = float(np.dot(n, [float(res.metrics[key]) for _, res in results]) / n.sum())
         values = (packed.global_values.astype(np.float64) + mean).astype(np.float32)
-        arrays, _ = packed.aggregate_sum(server_round, values, metrics)
+        arrays, _ = packed.aggregate_mean(server_round, values, metrics)
         if arrays is None:
             return None, {}
         return ndarrays_to_parameters([arrays["values"].numpy()]), {}

@@ -121,7 +121,7 @@ class PackedStrategy:
             return None, None
         return self._aggregate(server_round, accepted)
 
-    def aggregate_sum(
+    def aggregate_mean(
         self, server_round: int, values: np.ndarray, metrics: dict
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the mean of clients already checked one by one (SecAgg+): `values` is their
@@ -137,7 +137,7 @@ class PackedStrategy:
         )
         problem = problem or self._reduce(server_round, reply)
         if problem:
-            self.skip(server_round, f"the secure sum is unusable: {problem}")
+            self.skip(server_round, f"the secure mean is unusable: {problem}")
             return None, None
         return self._aggregate(server_round, [reply])
 
