@@ -24,12 +24,12 @@ from common import write_result  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from fedsparse.accounting import CommLedger, wire_bytes  # noqa: E402
 from fedsparse.methods import build_method  # noqa: E402
 from fedsparse.model import load_model  # noqa: E402
 from fedsparse.run import compose_config  # noqa: E402
 from fedsparse.secagg import SecAggRunner  # noqa: E402
 from fedsparse.server_app import make_strategy  # noqa: E402
-from fedsparse.strategy import CommLedger, wire_bytes  # noqa: E402
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from fedsparse import cache, faults
 from fedsparse.data import TASKS, partition, source_file, train_split
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
-from fedsparse.strategy import INFO_KEY, METRICS_KEY
+from fedsparse.protocol import INFO_KEY, METRICS_KEY
 from fedsparse.train import encode, encoded_loader, evaluate, train
 
 

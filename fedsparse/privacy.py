@@ -47,8 +47,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
 from omegaconf import DictConfig
 
+from fedsparse.protocol import METRICS_KEY
 from fedsparse.secagg import SecAggRunner, secagg_mod
-from fedsparse.strategy import METRICS_KEY, PackedState
+from fedsparse.strategy import PackedStrategy
 
 DP_MODES = ("none", "server", "client", "local")
 CENTRAL = ("server", "client")
@@ -101,7 +102,7 @@ class _PackedDp:
     """What both central-DP wrappers add to Flower's: the packed vector's validation first, an
     unweighted mean, release only on a full round, a log per round and the RDP accountant."""
 
-    strategy: PackedState
+    strategy: PackedStrategy
     noise_multiplier: float
     clipping_norm: float
     num_sampled_clients: int
@@ -148,12 +149,15 @@ class _PackedDp:
     def _clip(self, reply: Message) -> None:
         """Server-side variant: clip the reply's update in place (client-side: nothing to do)."""
 
+    def start(self, grid, *args, **kwargs):
+        return super().start(self.strategy.metered(grid), *args, **kwargs)
+
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         inner = self.strategy
         norms, over = [], 0
         for reply in replies:
-            if reply.has_error() or inner.check_reply(reply):
+            if reply.has_error() or inner.train_reply_problem(reply):
                 continue  # the packed strategy rejects it below, with its reason
             values = reply.content[inner.arrayrecord_key]["values"].numpy()
             norms.append(float(np.linalg.norm(values.astype(np.float64) - inner.global_values)))
@@ -161,10 +165,9 @@ class _PackedDp:
                 over += 1
                 self._clip(reply)  # only then: Flower's clip divides by the norm, which may be 0
             reply.content[METRICS_KEY][inner.weighted_by_key] = 1  # unweighted mean (see module doc)
-        key = server_round + getattr(inner, "round_offset", 0)
-        rejected = len(inner.rejected.get(key, []))
+        key = server_round + inner.round_offset
         arrays, metrics = inner.aggregate_train(server_round, replies)
-        accepted = len(replies) - (len(inner.rejected.get(key, [])) - rejected)
+        accepted = inner.accepted[key]
         record = {"update_norms": norms, "clipping_norm": self.clipping_norm, "over_norm": over}
         reason = None
         if arrays is None:
@@ -204,7 +207,7 @@ class ClientSideDp(_PackedDp, DifferentialPrivacyClientSideFixedClipping):
     """Central DP, each client clips its own update (`fixedclipping_mod`); the server verifies."""
 
 
-def wrap(strategy: PackedState, cfg: DictConfig, noise: np.random.Generator):
+def wrap(strategy: PackedStrategy, cfg: DictConfig, noise: np.random.Generator):
     """What runs the rounds: the packed strategy, a DP wrapper around it, or the SecAgg+ runner.
     All have `start(grid, initial_arrays, num_rounds, train_config, evaluate_fn)`. `noise`: the
     run's secret generator of central DP noise (`fedsparse.run`)."""

@@ -20,7 +20,7 @@ from fedsparse.model import load_tokenizer
 from fedsparse.report import plot_runs
 from fedsparse.results import RunWriter
 from fedsparse.run import Run
-from fedsparse.strategy import PackedState
+from fedsparse.strategy import PackedStrategy
 from fedsparse.tables import format_comm_table, format_round
 from fedsparse.train import evaluate
 
@@ -34,7 +34,7 @@ class RoundRecorder:
         self,
         run: Run,
         method: Method,
-        strategy: PackedState,
+        strategy: PackedStrategy,
         dev_loader: DataLoader,
         full_message_bytes: int,
         extra_fields: Callable[[int], dict] = lambda server_round: {},

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedsparse.protocol import INFO_KEY, PARTITION_KEY
+
 log = logging.getLogger("fedsparse")
-PARTITION_KEY = "partition-id"
-INFO_KEY = "info"  # ConfigRecord carrying the partition id in a query reply
 KIND_SALT = {"train": 0, "evaluate": 1}
 
 

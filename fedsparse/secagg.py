@@ -6,16 +6,17 @@ bridges the two without a second copy of the round logic:
 
 - server: `_LegacyBridge` is the legacy strategy. `configure_fit` asks the packed strategy for the
   round's messages (client sampling, lr schedule, fingerprint) and turns them into `FitIns`;
-  `aggregate_fit` gets only the unmasked *sum* and hands it to the packed strategy as one reply,
-  so its validation, server optimiser, metrics and quorum apply unchanged.
+  `aggregate_fit` checks each client on its clear-text FitRes (fingerprint, metrics, its own
+  num-examples) and counts the valid ones against the strategy's quorum, then hands the unmasked
+  *sum* to the packed strategy, whose server optimiser and metrics apply unchanged.
 - client: `secagg_mod` runs Flower's `secaggplus_mod` around the Message-API train handler and
   converts between the legacy records and ours. A client sends its update (reply minus the
   global vector it received), not its weights: SecAgg+ clips every entry to
   [-clipping_range, clipping_range] after scaling by num-examples / max_weight, and updates are
   small where weights are not.
-- bytes: every SecAgg+ message (four round trips per round) is measured on the grid into the
-  packed strategy's ledger; the masked-vector exchange counts as the round's `train` messages
-  (its upload is the int64 masked vector), the other stages as `secagg-*`.
+- bytes: every SecAgg+ message (four round trips per round) is measured on the packed strategy's
+  metered grid; the masked-vector exchange counts as the round's `train` messages (its upload is
+  the int64 masked vector), the other stages as `secagg-*`.
 
 Precision: the sum is quantised with step 2 * clipping_range / quantization_range on each
 client's scaled update; the mean's error is at most about n * step / sum(n_i / max_weight)
@@ -24,15 +25,14 @@ per entry, hence max_weight = the largest shard (see docs/privacy.md).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import Strategy as LegacyStrategy
@@ -40,11 +40,11 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fedsparse.strategy import INFO_KEY, METRICS_KEY, TRAIN_METRICS, CommLedger, PackedState
+from fedsparse.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS, WEIGHT_KEY
+from fedsparse.strategy import PackedStrategy
+from fedsparse.validation import masked_reply_problem
 
 log = logging.getLogger("fedsparse")
-TRAIN_STAGE = "collect_masked_vectors"  # the exchange that carries the model: ledgered as "train"
-FINGERPRINT = "fingerprint"
 ROUNDING_SALT = 0x5EC  # keeps the rounding stream apart from other draws keyed by (seed, round, partition)
 
 
@@ -59,49 +59,10 @@ def largest_shard(cfg: DictConfig) -> int:
     return max(len(s) for s in shards)
 
 
-class MeteredGrid:
-    """The grid as SecAgg+ uses it, with every message and reply measured into the ledger."""
-
-    def __init__(self, grid: Grid, ledger: CommLedger, current_round: Callable[[], int]):
-        self._grid = grid
-        self._ledger = ledger
-        self._round = current_round
-
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
-        messages = list(messages)
-        kind = "train"
-        for m in messages:
-            stage = m.content.config_records.get(RECORD_KEY_CONFIGS, {}).get(Key.STAGE, "")
-            kind = "train" if stage == TRAIN_STAGE else f"secagg-{stage}"
-            self._ledger.add(self._round(), kind, "down", m, None, m.metadata.dst_node_id)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        for r in replies:
-            if not r.has_error():
-                self._ledger.add(self._round(), kind, "up", r, None, r.metadata.src_node_id)
-        return replies
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
-
-
-@contextlib.contextmanager
-def _off_the_books(strategy: PackedState) -> Iterator[None]:
-    """The packed strategy's own accounting of messages that are never sent as such (the
-    Message-API downlinks it builds, the one-reply sum) goes to a scratch ledger; the real
-    SecAgg+ messages are measured on the grid. Its quorum applies to the clients, not to the sum."""
-    ledger, quorum = strategy.ledger, getattr(strategy, "min_replies", 1)
-    strategy.ledger = CommLedger(ledger.head_size)
-    strategy.min_replies = 1
-    try:
-        yield
-    finally:
-        strategy.ledger, strategy.min_replies = ledger, quorum
-
-
 class _LegacyBridge(LegacyStrategy):
     """The legacy strategy SecAgg+ calls, delegating every decision to the packed strategy."""
 
-    def __init__(self, packed: PackedState, grid: Grid, initial: ArrayRecord, train_config, evaluate_fn):
+    def __init__(self, packed: PackedStrategy, grid: Grid, initial: ArrayRecord, train_config, evaluate_fn):
         self.packed = packed
         self.grid = grid
         self.initial = initial
@@ -118,8 +79,7 @@ class _LegacyBridge(LegacyStrategy):
     def configure_fit(self, server_round, parameters, client_manager):
         self.round = server_round + getattr(self.packed, "round_offset", 0)
         arrays = ArrayRecord({"values": Array(parameters_to_ndarrays(parameters)[0].astype(np.float32))})
-        with _off_the_books(self.packed):
-            messages = self.packed.configure_train(server_round, arrays, self.train_config, self.grid)
+        messages = self.packed.configure_train(server_round, arrays, self.train_config, self.grid)
         proxies = {p.node_id: p for p in client_manager.all().values()}
         out = []
         for m in messages:
@@ -129,30 +89,32 @@ class _LegacyBridge(LegacyStrategy):
         return out
 
     def aggregate_fit(self, server_round, results, failures):
-        note = self.notes.setdefault(self.round, {})
+        packed, note = self.packed, self.notes.setdefault(self.round, {})
         note.update(clients=len(results), failures=[str(f) for f in failures])
         note["clipped_entries"] = int(sum(res.metrics.get("secagg-clipped", 0) for _, res in results))
-        if not results:
+        rejected = 0
+        for proxy, res in results:  # each client's num-examples and metrics travel in clear text
+            problem = masked_reply_problem(
+                res.num_examples,
+                res.metrics,
+                fingerprint=packed.fingerprint,
+                max_examples=packed.max_examples,
+            )
+            if problem:
+                packed.reject(self.round, proxy.node_id, problem)
+                rejected += 1
+        if not packed.has_quorum(self.round, len(results) - rejected):
+            return None, {}
+        if rejected:  # their masked updates are in the sum, and cannot be taken out of it
+            packed.skip(self.round, f"the secure sum includes {rejected} rejected updates")
             return None, {}
         n = np.array([res.num_examples for _, res in results], dtype=np.float64)
         mean = parameters_to_ndarrays(results[0][1].parameters)[0]  # every result holds the same sum
-        fingerprints = {res.metrics.get(FINGERPRINT) for _, res in results}
-        metrics = {"num-examples": int(n.sum())}
+        metrics = {WEIGHT_KEY: int(n.sum())}
         for key in TRAIN_METRICS[1:]:  # all but the weight
-            metrics[key] = float(
-                np.dot(n, [float(res.metrics.get(key, 0.0)) for _, res in results]) / n.sum()
-            )
-        values = (self.packed.global_values.astype(np.float64) + mean).astype(np.float32)
-        content = RecordDict(
-            {
-                self.packed.arrayrecord_key: ArrayRecord({"values": Array(values)}),
-                METRICS_KEY: MetricRecord(metrics),
-                INFO_KEY: ConfigRecord({FINGERPRINT: fingerprints.pop() if len(fingerprints) == 1 else ""}),
-            }
-        )
-        reply = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
-        with _off_the_books(self.packed):
-            arrays, _ = self.packed.aggregate_train(server_round, [reply])
+            metrics[key] = float(np.dot(n, [float(res.metrics[key]) for _, res in results]) / n.sum())
+        values = (packed.global_values.astype(np.float64) + mean).astype(np.float32)
+        arrays, _ = packed.aggregate_mean(server_round, values, metrics)
         if arrays is None:
             return None, {}
         return ndarrays_to_parameters([arrays["values"].numpy()]), {}
@@ -174,7 +136,7 @@ class _LegacyBridge(LegacyStrategy):
 class SecAggRunner:
     """Runs the packed strategy's rounds through SecAgg+; `start` matches `Strategy.start`."""
 
-    def __init__(self, strategy: PackedState, cfg: DictConfig):
+    def __init__(self, strategy: PackedStrategy, cfg: DictConfig):
         if tuple(strategy.method.wire_keys) != ("values",):
             raise ValueError(
                 f"SecAgg+ sums one dense vector; {strategy.method.name} sends {strategy.method.wire_keys}"
@@ -204,10 +166,10 @@ class SecAggRunner:
         """`timeout`: seconds each SecAgg+ stage waits for replies (federation.round_timeout)."""
         if timeout is not None:
             self.workflow.timeout = timeout
-        self.bridge = _LegacyBridge(self.strategy, grid, initial_arrays, train_config, evaluate_fn)
+        metered = self.strategy.metered(grid)  # the sampler's queries and every SecAgg+ message
+        self.bridge = _LegacyBridge(self.strategy, metered, initial_arrays, train_config, evaluate_fn)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=num_rounds), strategy=self.bridge)
-        metered = MeteredGrid(grid, self.strategy.ledger, lambda: self.bridge.round)
         DefaultWorkflow(fit_workflow=self.workflow)(metered, legacy)
 
     def round_record(self, server_round: int) -> dict:
@@ -274,7 +236,7 @@ def _legacy_train(msg: Message, ctxt: Context, call_next: Callable, seed: int) -
             metrics["secagg-clipped"],
             clip,
         )
-    metrics[FINGERPRINT] = str(reply.content[INFO_KEY][FINGERPRINT])
+    metrics[FINGERPRINT_KEY] = str(reply.content[INFO_KEY][FINGERPRINT_KEY])
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([update]), n, metrics)
     rounding = np.random.SeedSequence(
         [seed, int(fitins.config["server-round"]), int(ctxt.node_config["partition-id"]), ROUNDING_SALT]

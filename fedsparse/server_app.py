@@ -3,23 +3,23 @@ and writes the run directory (config, per-round JSON lines, summary, checkpoint,
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from fedsparse import privacy
+from fedsparse.accounting import CommLedger, full_model_bytes
 from fedsparse.data import TASKS, dev_split
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
 from fedsparse.recorder import RoundRecorder
 from fedsparse.run import NOISE, Run, prepare_from_run_config
 from fedsparse.sampling import ClientSampler
-from fedsparse.strategy import STRATEGIES, CommLedger, PackedState, wire_bytes
+from fedsparse.strategy import STRATEGIES, PackedStrategy
 from fedsparse.train import make_loader
 
 
-def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> PackedState:
+def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> PackedStrategy:
     fed = cfg.federation
     sampler = ClientSampler(cfg.seed, fed.clients_per_round, fed.num_clients, fed.wait_timeout)
     # The sampler picks the clients; Flower's own sampling then sees only them (fraction 1.0).
@@ -45,12 +45,6 @@ def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> Packed
         max_examples=int(fed.max_examples),
         **kwargs,
     )
-
-
-def full_model_bytes(num_parameters: int) -> int:
-    """Wire size of one message carrying every model parameter: the `full` reference."""
-    content = RecordDict({"arrays": ArrayRecord({"values": Array(np.zeros(num_parameters, np.float32))})})
-    return wire_bytes(Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN))
 
 
 def run_server(grid: Grid, run: Run) -> dict:

@@ -25,9 +25,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from fedsparse.accounting import CommLedger  # noqa: E402
 from fedsparse.model import TINY_BERT, load_model  # noqa: E402
 from fedsparse.sampling import ClientSampler  # noqa: E402
-from fedsparse.strategy import CommLedger, PackedFedAvg  # noqa: E402
+from fedsparse.strategy import PackedFedAvg  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "fedsparse" / "conf"
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"

@@ -7,6 +7,7 @@ import pytest
 from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedsparse.accounting import CommLedger, message_sizes
 from fedsparse.methods import build_method
 from fedsparse.methods.index_codec import CODECS, decode_indices, encode_indices, get_codec
 from fedsparse.strategy import PackedFedAvg
@@ -232,7 +233,8 @@ def _reply(wire: dict[str, np.ndarray], weight: float, fingerprint: str) -> Mess
 
 
 def _round(encoding: str, locals_: list[np.ndarray], bad: bool = True):
-    """One round of two good top-k replies (weights 10 and 30) and, if `bad`, three broken ones."""
+    """One round of two good top-k replies (weights 10 and 30) and, if `bad`, three broken ones;
+    the replies are also measured into a ledger, as the server's grid measures them."""
     strat = _topk_strategy(encoding)
     method, g = strat.method, strat.global_values
     wires = [method.encode(v, reference=g) for v in locals_]
@@ -249,8 +251,11 @@ def _round(encoding: str, locals_: list[np.ndarray], bad: bool = True):
             {"values": w["values"], "indices": foreign},
         ]
     replies = [_reply(w, weight, strat.fingerprint) for w, weight in zip(wires, (10, 30, 5, 5, 5))]
+    ledger = CommLedger(method.head_size)
+    for reply, size in zip(replies, message_sizes(replies)):
+        ledger.add(1, "train", "up", 0, size, reply.content)
     arrays, _ = strat.aggregate_train(1, replies)
-    return strat, arrays["values"].numpy(), wires
+    return strat, arrays["values"].numpy(), wires, ledger
 
 
 @pytest.mark.parametrize("encoding", COMPACT)
@@ -258,8 +263,8 @@ def test_server_accepts_compact_topk_replies_and_averages_them_like_int32(encodi
     g = _topk_strategy("int32").global_values
     rng = np.random.default_rng(0)
     locals_ = [g + rng.normal(0, 1e-2, g.size).astype(np.float32) for _ in range(2)]
-    base, expected, base_wires = _round("int32", locals_, bad=False)
-    strat, got, wires = _round(encoding, locals_)
+    base, expected, _, base_ledger = _round("int32", locals_, bad=False)
+    strat, got, wires, ledger = _round(encoding, locals_)
     assert np.array_equal(got, expected)  # bitwise: the same dense replies reach FedAvg
     assert not (got == g).all() and not base.rejected.get(1)
     assert len(strat.rejected[1]) == 3
@@ -269,7 +274,7 @@ def test_server_accepts_compact_topk_replies_and_averages_them_like_int32(encodi
     # the ledger counts the uint8 arrays as index bytes; except a bitmap at the tiny model's 5%
     # density, they are smaller than int32 indices
     k = strat.method.k
-    assert base.ledger.summary(1)["up"]["indices"] == 2 * 4 * k
-    assert strat.ledger.summary(1)["up"]["indices"] == sum(w["indices"].nbytes for w in wires)
+    assert base_ledger.summary(1)["up"]["indices"] == 2 * 4 * k
+    assert ledger.summary(1)["up"]["indices"] == sum(w["indices"].nbytes for w in wires)
     if encoding != "bitmap":
         assert wires[0]["indices"].nbytes < 4 * k

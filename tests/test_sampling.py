@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from fedsparse.run import compose_config
 from fedsparse.sampling import INFO_KEY, PARTITION_KEY, ClientSampler, partition_reply
 from fedsparse.simulation import run_simulation
-from fedsparse.strategy import PackedState
+from fedsparse.strategy import PackedStrategy
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 
@@ -224,14 +224,14 @@ def sims(tmp_path_factory):
     would cost 40 s of the suite's budget.)"""
     out = tmp_path_factory.mktemp("sampling")
     finals: dict[str, np.ndarray] = {}
-    original = PackedState.aggregate_train
+    original = PackedStrategy.aggregate_train
 
     def keep_last(self, server_round, replies):
         arrays, metrics = original(self, server_round, replies)
         finals[current] = arrays["values"].numpy().copy()
         return arrays, metrics
 
-    PackedState.aggregate_train = keep_last
+    PackedStrategy.aggregate_train = keep_last
     runs = {}
     try:
         for current, extra in [
@@ -243,7 +243,7 @@ def sims(tmp_path_factory):
             path = run_simulation(cfg)
             runs[current] = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
     finally:
-        PackedState.aggregate_train = original
+        PackedStrategy.aggregate_train = original
     return runs, finals
 
 

@@ -15,7 +15,9 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.serde import message_from_proto, message_to_proto
 
 from fedsparse import privacy
+from fedsparse.accounting import CommLedger, wire_bytes
 from fedsparse.client_train import handle_train
+from fedsparse.data import partition_all, train_split
 from fedsparse.methods import build_method
 from fedsparse.model import load_model
 from fedsparse.results import read_run
@@ -23,7 +25,6 @@ from fedsparse.run import compose_config
 from fedsparse.sampling import partition_reply
 from fedsparse.secagg import SecAggRunner
 from fedsparse.server_app import make_strategy
-from fedsparse.strategy import CommLedger, wire_bytes
 from fedsparse.tables import format_comm_table, human_bytes
 
 CLIENTS = 3
@@ -90,27 +91,35 @@ class InProcessGrid:
 
 
 @pytest.fixture(scope="module")
-def secure_round():
-    """One SecAgg+ round; returns (cfg, grid, what the strategy received, its aggregate, ledger)."""
+def identity():
+    """Messages can only be built inside a running app; pose as one (Flower internal API)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    cfg = compose_config(BASE)
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _secure_round(overrides: list[str], min_replies: int | None = None):
+    """One SecAgg+ round; returns (cfg, grid, what the aggregation received, runner, method).
+    `min_replies` is set after validation: a quorum above the clients that reply (the config
+    refuses one above clients_per_round; in a run it happens when clients drop out)."""
+    cfg = compose_config(overrides)
+    if min_replies is not None:
+        cfg.federation.min_replies = min_replies
     method = build_method(load_model("tiny-bert", 2, cfg.seed), cfg.method)
-    ledger = CommLedger(method.head_size)
-    strategy = make_strategy(cfg, method, ledger)
+    strategy = make_strategy(cfg, method, CommLedger(method.head_size))
     seen = []
-    inner = strategy.aggregate_train
+    inner = strategy._aggregate
 
     def spy(server_round, replies):
-        replies = list(replies)
         seen.append([r.content["arrays"]["values"].numpy().copy() for r in replies])
         arrays, metrics = inner(server_round, replies)
         seen.append(arrays["values"].numpy().copy())
         return arrays, metrics
 
-    strategy.aggregate_train = spy
+    strategy._aggregate = spy
     grid = InProcessGrid(cfg)
     runner = SecAggRunner(strategy, cfg)
     runner.start(
@@ -119,8 +128,12 @@ def secure_round():
         num_rounds=1,
         train_config=TRAIN_CONFIG,
     )
-    yield cfg, grid, seen, runner, method
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    return cfg, grid, seen, runner, method
+
+
+@pytest.fixture(scope="module")
+def secure_round(identity):
+    return _secure_round(BASE)
 
 
 def test_secure_sum_equals_plain_fedavg_of_the_same_replies(secure_round):
@@ -204,3 +217,25 @@ def test_secagg_in_a_loopback_deployment(tmp_path):
         assert up["messages"] == 2 and up["values"] == 0  # only masked vectors came up
         assert up["per_client"] > 1.8 * 4 * summary["values_per_message"]  # int64, not float32
         assert r["train"]["train-loss"] > 0
+
+
+def test_a_secagg_round_below_the_quorum_is_skipped(identity):
+    _, grid, seen, runner, _ = _secure_round(BASE, min_replies=CLIENTS + 1)
+    assert len(grid.trained) == CLIENTS and not seen  # every client trained; nothing was aggregated
+    assert f"min_replies={CLIENTS + 1}" in runner.strategy.skipped[1]
+
+
+def test_secagg_checks_max_examples_on_each_client_not_on_the_sum(identity):
+    cfg = compose_config(BASE)
+    fed = cfg.federation
+    shards = partition_all(
+        train_split(cfg), fed.num_clients, fed.partitioner, fed.alpha, cfg.seed, fed.min_partition_size
+    )
+    largest, total = max(map(len, shards)), sum(map(len, shards))
+    _, _, seen, runner, _ = _secure_round(BASE + [f"federation.max_examples={largest}"])
+    assert largest < total and len(seen) == 2  # the sum of `total` examples was aggregated
+    assert not runner.strategy.skipped and not runner.strategy.rejected
+    _, _, seen, runner, _ = _secure_round(BASE + [f"federation.max_examples={largest - 1}"])
+    assert not seen and "1 rejected" in runner.strategy.skipped[1]  # its update is in the sum
+    (reason,) = runner.strategy.rejected[1]
+    assert f"'num-examples' is {largest}" in reason

@@ -8,9 +8,10 @@ import pytest
 from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedsparse.accounting import CommLedger
 from fedsparse.methods import METHODS, build_method
 from fedsparse.sampling import ClientSampler
-from fedsparse.strategy import STRATEGIES, CommLedger
+from fedsparse.strategy import STRATEGIES
 
 
 @pytest.fixture
@@ -75,7 +76,6 @@ def test_bad_replies_are_dropped_and_the_rest_aggregated(strategy):
     assert len(reasons) == len(bad)
     for why, reason in zip(bad, reasons, strict=True):
         assert why in reason
-    assert strategy.ledger.summary(1)["up"]["messages"] == len(replies)  # every reply's bytes count
 
 
 def test_extra_records_and_keys_are_ignored_not_fatal(strategy):
