@@ -77,6 +77,7 @@ class RoundRecorder:
             "trimmed": s.trimmed.get(server_round, []),
             "skipped": s.skipped.get(server_round),
             "sampled": s.sampler.sampled.get((server_round, "train"), []),
+            "node_notes": s.sampler.notes.get(server_round, []),  # node identity policy (sampling)
             "wall_seconds": time.time() - self.started,
             **self.extra_fields(server_round),
         }

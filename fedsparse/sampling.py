@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -78,8 +78,6 @@ class ClientSampler:
         # again. A dead node's query is answered with an error as soon as the SuperLink drops it
         # (at most 60 s after its last heartbeat), a live one needs a ClientApp process start.
         self.probe_timeout = float(probe_timeout)
-        # (round, "down"|"up", message) for each query message: the strategy counts its bytes
-        self.on_message: Callable[[int, str, Message], None] | None = None
         self.node_of: dict[int, int] = {}  # partition id -> node id: the population
         self.conflicts: dict[int, set[int]] = {}  # partition id -> the nodes that all answer for it
         self.left_out: dict[int, str] = {}  # node id -> why; not asked again while it is listed
@@ -193,8 +191,6 @@ class ClientSampler:
             Message(content=RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
             for n in sorted(node_ids)
         ]
-        for q in queries:
-            self._count(server_round, "down", q)
         claims = {}
         replies = grid.send_and_receive(queries, timeout=timeout)
         # the SuperLink's own error replies (a node it dropped) come from the SuperLink's node id
@@ -204,7 +200,6 @@ class ClientSampler:
             if reply.has_error():
                 self._note(server_round, f"node {node} did not report its partition id: {reply.error.reason}")
                 continue
-            self._count(server_round, "up", reply)
             partition = self._partition(reply)
             if isinstance(partition, str):
                 self._leave_out(server_round, node, f"node {node} dropped: {partition}")
@@ -234,7 +229,3 @@ class ClientSampler:
     def _note(self, server_round: int, reason: str) -> None:
         log.warning("round %d: %s", server_round, reason)
         self.notes.setdefault(server_round, []).append(reason)
-
-    def _count(self, server_round: int, direction: str, message: Message) -> None:
-        if self.on_message is not None:
-            self.on_message(server_round, direction, message)

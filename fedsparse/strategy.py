@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -19,9 +20,11 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedsparse import validation
 from fedsparse.accounting import CommLedger, MeteredGrid
-from fedsparse.methods import Method
 from fedsparse.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS
 from fedsparse.sampling import ClientSampler
+
+if TYPE_CHECKING:  # the strategy calls the method it is given; it never imports torch
+    from fedsparse.methods import Method
 
 log = logging.getLogger("fedsparse")
 
