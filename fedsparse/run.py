@@ -114,30 +114,54 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 def check_overrides(overrides: Sequence[str]) -> None:
     """Unknown keys and config-group options, refused in one line before Hydra composes (Hydra's
-    own messages span several lines and suggest a stack trace)."""
+    own messages span several lines and suggest a stack trace). A key is checked against the
+    config that the overrides' own group choices compose (`method=hiwi method.exchange=merged`
+    is known; `method.exchange` alone is not), against each value of a swept group choice."""
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    defaults = OmegaConf.to_container(compose())
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
+    parsed = [
+        o
+        for o in OverridesParser.create().parse_overrides(list(overrides))
+        if not o.key_or_group.startswith("hydra") and not o.is_delete()
+    ]
+    choices = []  # per group override: the override strings of each value it chooses
+    for override in parsed:
         key = override.key_or_group
-        if key.startswith("hydra") or override.is_add() or override.is_force_add():
+        if key not in groups:
             continue
-        if key in groups:
-            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-            values = override.value()
-            chosen = values if isinstance(values, list) else [values]
-            if override.is_sweep_override() or override.is_delete():
-                continue
-            for value in chosen:
-                if str(value) not in options:
-                    raise ConfigError(f"{key}={value}: use one of {', '.join(options)}")
+        if not override.is_sweep_override():
+            values = [override.get_value_element_as_str()]
+        elif override.is_choice_sweep():
+            values = list(override.sweep_string_iterator())
+        else:
+            continue  # a range or other sweep: left to Hydra
+        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for value in values:
+            if value not in options:
+                raise ConfigError(f"{key}={value}: use one of {', '.join(options)}")
+        prefix = "++" if override.is_force_add() else "+" if override.is_add() else ""
+        choices.append([f"{prefix}{key}={value}" for value in values])
+    first = [c[0] for c in choices]
+    variants = [first] + [first[:i] + [v] + first[i + 1 :] for i, c in enumerate(choices) for v in c[1:]]
+    configs = [OmegaConf.to_container(compose(tuple(v))) for v in variants]
+    for override in parsed:
+        key = override.key_or_group
+        if key in groups or override.is_add() or override.is_force_add():
             continue
-        node, parts = defaults, key.split(".")
-        for depth, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
-                section = ".".join(parts[:depth]) or "the top level"
-                known = ", ".join(sorted(node)) if isinstance(node, dict) else "no keys"
-                raise ConfigError(f"unknown key {key}: {section} has {known} (add a new key with +{key}=...)")
-            node = node[part]
+        missing = [_unknown(config, key) for config in configs]
+        if all(missing):
+            raise ConfigError(missing[0])
+
+
+def _unknown(config: dict, key: str) -> str | None:
+    """Why `key` is not in `config` (None when it is)."""
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            section = ".".join(parts[:depth]) or "the top level"
+            known = ", ".join(sorted(node)) if isinstance(node, dict) else "no keys"
+            return f"unknown key {key}: {section} has {known} (add a new key with +{key}=...)"
+        node = node[part]
+    return None
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from fedsparse.config import auto_run_name, to_run_config
 from fedsparse.methods.pafi import BACKWARDS
-from fedsparse.run import compose_config, from_run_config
+from fedsparse.run import ConfigError, check_overrides, compose_config, from_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -65,6 +65,32 @@ def test_pyproject_declares_only_the_bridge_key():
 def test_bad_values_fail_with_the_fix(override, message):
     with pytest.raises(Exception, match=message):
         compose_config([override])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method=hiwi", "method.exchange=merged"],  # a key of the chosen method, not of the default
+        ["method=pafi,hiwi", "method.exchange=merged"],  # a sweep: known for one of its choices
+        ["+experiment=convergence", "method=topk", "method.index_encoding=auto", "seed=0,1,2"],
+    ],
+)
+def test_keys_are_checked_against_the_groups_the_overrides_choose(overrides):
+    check_overrides(overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.exchange=merged"], "unknown key method.exchange: method has density, "),
+        (["method=pafi,lora", "method.exchange=merged"], "unknown key method.exchange"),
+        (["+experiment=nope"], "experiment=nope: use one of compare_methods, "),
+        (["method=pafi,nope"], "method=nope: use one of bitfit, "),
+    ],
+)
+def test_unknown_keys_and_options_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_overrides(overrides)
 
 
 def test_local_epochs_replace_the_steps_and_must_be_positive():
