@@ -12,7 +12,7 @@ another (all methods of seed 0 first), so a suite cut short still compares every
     python experiments/methods_suite.py                        # pafi, full, lora, bitfit; seeds 0 1 2
     python experiments/methods_suite.py --methods hiwi topk    # more methods, same rule
     python experiments/methods_suite.py --factors 1 4          # a two-point search per method
-    python -m fedsparse.report --readme README.md              # tables and plots from the results
+    python -m fedsparse.report --readme docs/results.md        # tables and plots from the results
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Reports from run directories: tables, grouped tables and plots, or the README's report blocks.
+"""Reports from run directories: tables, grouped tables and plots, or the docs' report blocks.
 
     python -m fedsparse.report RUN_DIR [RUN_DIR ...] [--out DIR]   # per-run table, grouped tables, plots
-    python -m fedsparse.report --readme README.md [--check]        # regenerate / verify README report blocks
+    python -m fedsparse.report --readme docs/results.md [--check]  # regenerate / verify a file's report blocks
 
 Runs that differ only in their seed form one group, reported as mean ± std over its seeds.
 """
@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="*", help="run directories (config.yaml, rounds.jsonl, summary.json)")
     parser.add_argument("--out", default=None, help="where to write the plots (default: first run dir)")
     parser.add_argument(
-        "--readme", default=None, help="regenerate the <!-- report:NAME --> blocks of this file"
+        "--readme", default=None, help="regenerate the <!-- report:NAME --> blocks of this Markdown file"
     )
-    parser.add_argument("--results", default=None, help="default: experiments/results beside the README")
+    parser.add_argument(
+        "--results", default=None, help="default: the nearest experiments/results above the file"
+    )
     parser.add_argument("--check", action="store_true", help="with --readme: write nothing, exit 1 if stale")
     parser.add_argument(
         "--targets", type=float, nargs="+", help=f"dev-metric targets (default {DEFAULT_TARGETS})"
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme:
         return update_readme(args.readme, args.results, check=args.check, targets=args.targets)
     if not args.runs:
-        parser.error("give run directories, or --readme README.md")
+        parser.error("give run directories, or --readme FILE.md")
     runs, unfinished = load_runs(args.runs)
     groups = group_runs(runs)
     print(run_table(runs) + "\n\n" + experiment_tables(groups, unfinished, args.targets or DEFAULT_TARGETS))

@@ -256,13 +256,43 @@ def test_a_block_can_set_its_targets(experiment):
     assert update_readme(readme, check=True) == 0
 
 
-def test_repository_readme_matches_the_committed_results(capsys):
-    text = (REPO / "README.md").read_text()
+def test_a_block_in_a_subdirectory_reads_the_repository_results_and_links_relative_to_its_file(experiment):
+    doc = experiment.parents[2] / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\n<!-- report:exp -->\nstale\n<!-- /report:exp -->\n")
+    assert update_readme(doc) == 0
+    text = doc.read_text()
+    assert "from `../experiments/results/exp/` (6 runs)" in text
+    assert "(../experiments/results/exp/report_metric_vs_bytes.png)" in text
+    assert update_readme(doc, check=True) == 0
+
+
+def test_a_headline_block_is_one_short_table_and_one_plot(experiment):
+    readme = readme_with_block(experiment, "<!-- report:exp view=headline targets=0.8 -->")
+    (experiment / "report_metric_vs_round.png").unlink(missing_ok=True)
+    assert update_readme(readme) == 0
+    text = readme.read_text()
+    assert "| seeds reaching 0.8 | rounds to 0.8 | bytes to 0.8 |" in text
+    assert "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 | 200 B | 400 B | 3/3 |" in text
+    assert "| hiwi[merged] | 0.01 | 3 | 0.6300 ± 0.0200 | 200 B | 400 B | 1/3 | 2.0 |" in text
+    assert "(experiments/results/exp/report_metric_vs_bytes.png)" in text
+    assert "report_bytes_per_round" not in text and "Cumulative bytes over all clients" not in text
+    assert not (experiment / "report_metric_vs_round.png").exists()  # only the plot it shows
+    assert update_readme(readme, check=True) == 0
+    readme.write_text(text.replace("view=headline", "view=nope"))
+    with pytest.raises(ValueError, match="view=nope: use one of full, headline"):
+        update_readme(readme, check=True)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/results.md"])
+def test_repository_docs_match_the_committed_results(doc, capsys):
+    text = (REPO / doc).read_text()
     names = re.findall(r"^<!-- report:([\w.-]+)", text, re.M)
-    assert update_readme(REPO / "README.md", check=True) == 0
+    assert names, f"{doc} has no report block"
+    assert update_readme(REPO / doc, check=True) == 0
     out = capsys.readouterr().out
-    assert f"{len(names)} report block(s) checked: {', '.join(names) or '-'}" in out
-    assert (REPO / "README.md").read_text() == text
+    assert f"{len(names)} report block(s) checked: {', '.join(names)}" in out
+    assert (REPO / doc).read_text() == text
 
 
 def test_tasks_with_several_metrics_name_each_rows_metric_and_the_others(tmp_path):
