@@ -84,9 +84,22 @@ def _other_bytes(comm: dict) -> int:
     return comm["total_bytes"] - sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """A directory holding a run's `config.yaml`: a run, finished or not. A run stopped before its
+    recorder started (only `shards.json`), a plots folder or a file beside the runs is not one."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def split_run_dirs(paths: list[str | Path]) -> tuple[list[Path], list[Path]]:
+    """`paths` (e.g. a shell glob over an output directory) as (run directories, everything else)."""
+    paths = list(map(Path, paths))
+    return [p for p in paths if is_run_dir(p)], [p for p in paths if not is_run_dir(p)]
+
+
 def load_runs(run_dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
     """The finished runs as {dir, config, rounds, summary}, and the unfinished ones (a config.yaml
-    and a summary saying `finished: false`, or none yet); raises for a directory holding no run."""
+    and a summary saying `finished: false`, or none yet); raises for a path holding no run (see
+    `split_run_dirs`, which sets those apart first)."""
     runs, unfinished = [], []
     for d in map(Path, run_dirs):
         if (d / "config.yaml").exists() and not is_finished(d):

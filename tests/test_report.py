@@ -201,6 +201,41 @@ def test_cli_on_run_directories_lists_unfinished_runs(experiment, tmp_path, caps
     ]
 
 
+def test_cli_skips_what_is_not_a_run_with_one_line(experiment, tmp_path, capsys):
+    """`python -m fedsparse.report outputs/* --out outputs/plots`, run twice: the glob also matches a
+    run stopped before its recorder started (only shards.json), a file beside the runs and, the
+    second time, the plots folder itself."""
+    stopped = experiment / "pafi-stopped"
+    stopped.mkdir()
+    (stopped / "shards.json").write_text("{}")
+    (experiment / "multirun.yaml").write_text("hydra: {}\n")
+    plots = experiment / "plots"
+    for use in (1, 2):
+        assert main([*map(str, sorted(experiment.iterdir())), "--out", str(plots)]) == 0
+        out = capsys.readouterr().out
+        skipped = [line for line in out.splitlines() if line.startswith("skipped")]
+        expected = [experiment / "multirun.yaml", stopped] + ([plots] if use == 2 else [])
+        assert skipped == [
+            "skipped, no config.yaml (not a run, or one stopped before it began): "
+            + ", ".join(map(str, sorted(expected)))
+        ]
+        assert "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 |" in out
+        assert sorted(p.name for p in plots.iterdir()) == [
+            "bytes_per_round.png",
+            "metric_vs_bytes.png",
+            "metric_vs_round.png",
+        ]
+    assert main([str(plots), str(stopped)]) == 1
+    assert "no fedsparse run among the given paths" in capsys.readouterr().out
+
+
+def test_plots_default_to_the_first_finished_run_not_the_first_path(experiment, capsys):
+    plots = experiment / "a-plots"  # sorts before the runs
+    plots.mkdir()
+    assert main(list(map(str, sorted(experiment.iterdir())))) == 0
+    assert not any(plots.iterdir()) and (experiment / "hiwi-s0" / "metric_vs_bytes.png").exists()
+
+
 def readme_with_block(experiment: Path, opening: str = "<!-- report:exp -->") -> Path:
     readme = experiment.parents[2] / "README.md"
     readme.write_text(
