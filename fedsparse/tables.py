@@ -110,6 +110,23 @@ def load_runs(run_dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
     return runs, unfinished
 
 
+def trained(rounds: list[dict]) -> list[dict]:
+    """The rounds that trained: round 0 is the initial global state, evaluated before any client
+    trained, the point the curves start from (plots, `format_round`) and not a result. One rule for
+    every number over rounds: a run's best metric (`best_metric`), the first round that reaches a
+    target (`bytes_to_target`) and the trend (`readme_blocks.trend`) look at rounds >= 1 only, as
+    the summary's `best` does; so a run starting from a fine-tuned model does not "reach" a target
+    at round 0 with 0 bytes that its training never reaches."""
+    return [r for r in rounds if r["round"] >= 1]
+
+
+def best_metric(run: dict, metric: str) -> float | None:
+    """The best dev metric over the run's trained rounds (`trained`), read from its rounds; the
+    summary's `best` for a run without rounds; None for a central run (it has only `dev`)."""
+    values = [r["dev"][metric] for r in trained(run["rounds"]) if metric in r["dev"]]
+    return max(values) if values else run["summary"].get("best")
+
+
 def final_metric(summary: dict, metric: str) -> float:
     """The dev metric at the end of a run (`final` for federated runs, `dev` for central ones)."""
     return summary["final" if "final" in summary else "dev"][metric]
@@ -239,12 +256,13 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 
 def bytes_to_target(group: Group, target: float) -> dict:
-    """Rounds and cumulative bytes until the dev metric first reaches `target`, mean over the seeds
-    that reach it: {reached, seeds[, round, up, down, total]}."""
+    """Rounds and cumulative bytes until the dev metric first reaches `target` in a trained round
+    (round >= 1: see `trained`), mean over the seeds that reach it: {reached, seeds[, round, up,
+    down, total]}."""
     hits = []
     for run in group.runs:
         s = series(run, group.metric)
-        first = np.flatnonzero(s["metric"] >= target)
+        first = np.flatnonzero((s["metric"] >= target) & (s["round"] >= 1))
         if len(first):
             hits.append([s[k][first[0]] for k in ("round", "up", "down")])
     out = {"reached": len(hits), "seeds": len(group.runs)}

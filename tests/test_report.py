@@ -170,6 +170,21 @@ def test_bytes_to_target_takes_the_first_round_reaching_it(experiment):
     assert bytes_to_target(pafi, 0.9) == {"reached": 0, "seeds": 3}
 
 
+def test_best_and_targets_follow_one_rule_for_round_0(tmp_path):
+    """A run starting from a fine-tuned model (round 0 at 0.85) that training moves to 0.7695 at
+    best: round 0 is the initial state, in neither its best accuracy nor the target table."""
+    run = write_run(tmp_path, "pafi", 0, [0.85, 0.76, 0.7695, 0.75])
+    groups = group_runs(load_runs([run])[0])
+    assert "| pafi | 0.01 | 1 | 0.7500 | 0.7695 |" in group_table(groups)
+    assert "| pafi | 0.01 | 0.8 | not reached (0/1 seeds) |" in target_table(groups, [0.80])
+    assert bytes_to_target(groups[0], 0.80) == {"reached": 0, "seeds": 1}
+    assert bytes_to_target(groups[0], 0.76)["round"] == 1.0
+    # the rounds decide, whatever a summary says (one written by another rule)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"best": 0.85}))
+    assert "| pafi | 0.01 | 1 | 0.7500 | 0.7695 |" in group_table(group_runs(load_runs([run])[0]))
+
+
 def test_target_table_reports_partial_and_not_reached(experiment):
     table = target_table(groups_of(experiment), [0.80, 0.85])
     assert "| pafi | 0.01 | 0.8 | 3/3 seeds | 2.0 | 1.0 KB | 2.1 KB | 3.1 KB |" in table
