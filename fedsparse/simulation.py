@@ -19,6 +19,20 @@ from fedsparse.results import is_finished, progress, refuse_existing_run
 from fedsparse.run import Run, new_run
 from fedsparse.server_app import make_server_app
 
+# Flower warnings about what fedsparse does on purpose, which tell a user nothing: left out of a
+# simulation's console unless it is verbose (`quiet_flower`).
+QUIET_FLOWER = (
+    # the server evaluates centrally; clients evaluate only with federation.evaluate_clients=true
+    "fraction_evaluate is set to 0.0",
+    # `python -m fedsparse` simulates through it on purpose; deployments use `flwr run`
+    "The `run_simulation` function is deprecated",
+)
+
+
+class _QuietFlower(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in QUIET_FLOWER)
+
 
 def backend_config(cfg: DictConfig) -> dict:
     """Ray settings: one actor per `client_cpus` cores, on a Ray instance of the run's own or
@@ -63,6 +77,27 @@ def environment(**variables: str) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+@contextlib.contextmanager
+def quiet_flower(verbose: bool) -> Iterator[None]:
+    """Flower's log without the QUIET_FLOWER warnings, and its Ray actors' log at ERROR only, for
+    the duration of the block (unless `verbose`). An actor's only warning is "Manually terminating
+    ClientAppActor" when the simulation ends; the actors are other processes, where no filter of
+    this one applies, so they get Flower's FLWR_LOG_LEVEL (read when an actor imports Flower),
+    unless it is set already. A ClientApp's errors still show."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        yield
+        return
+    quiet = _QuietFlower()
+    flwr_logger.addFilter(quiet)
+    try:
+        with environment(FLWR_LOG_LEVEL="ERROR"):
+            yield
+    finally:
+        flwr_logger.removeFilter(quiet)
+
+
 def set_ray_defaults() -> None:
     """Ray settings, where not set already, for the Ray instance started next (its workers
     inherit them). Ray starts workers at nice 15: beside any other busy process on the machine
@@ -77,12 +112,11 @@ def run_simulation(run: Run | DictConfig, verbose: bool = False) -> Path:
     cfg = run.cfg
     refuse_existing_run(cfg)  # before anything is written or started
     describe_shards(cfg, run_dir(cfg))
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     set_ray_defaults()
     # Ray's workers inherit this environment: each actor computes on its own cores only, where
     # torch's default (every core in every actor) would oversubscribe the machine.
     threads = str(max(1, int(cfg.federation.client_cpus)))
-    with environment(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
+    with environment(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads), quiet_flower(verbose):
         flwr_run_simulation(
             server_app=make_server_app(run),
             client_app=make_client_app(cfg),  # the server's own config object: one resolved config
