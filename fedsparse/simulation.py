@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from omegaconf import DictConfig
 
 from fedsparse.client_app import make_client_app
 from fedsparse.config import run_dir
-from fedsparse.data import format_label_histograms, label_histograms, partition_all, train_split
+from fedsparse.data import describe_shards
 from fedsparse.results import is_finished, progress, refuse_existing_run
 from fedsparse.run import Run, new_run
 from fedsparse.server_app import make_server_app
@@ -46,23 +45,6 @@ def backend_config(cfg: DictConfig) -> dict:
         else {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
     )
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": 0.0}, "init_args": init_args}
-
-
-def describe_shards(cfg: DictConfig, out: Path) -> None:
-    """Print the clients' label histograms and keep them in `shards.json`: on label-skewed
-    shards the partition draw decides much of the result, so every run records its own."""
-    fed = cfg.federation
-    shards = partition_all(
-        train_split(cfg), fed.num_clients, fed.partitioner, fed.alpha, cfg.seed, fed.min_partition_size
-    )
-    print(
-        f"Client shards ({fed.partitioner}, alpha={fed.alpha}, seed={cfg.seed}):\n"
-        + format_label_histograms(shards),
-        flush=True,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    histograms = {"sizes": [len(s) for s in shards], "labels": label_histograms(shards)}
-    (out / "shards.json").write_text(json.dumps(histograms))
 
 
 @contextlib.contextmanager
