@@ -29,6 +29,8 @@ NEUTRAL_SETTINGS = {
     "federation": {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"},
     "train": {"head_lr_scale": 1.0},
 }
+# Each method's `lr` default when the first results were saved (see `training_settings`).
+SAVED_METHOD_LR = {"pafi": 2e-2, "hiwi": 3e-3, "lora": 1e-3, "bitfit": 1e-3, "full": 5e-5, "topk": 5e-5}
 RUN_CONFIG_KEY = "overrides"
 # Where a run lives and how it is stored, not what it computes: left out of its training settings.
 PLACEMENT_KEYS = ("run_name", "output_dir", "resume", "save_model", "schema_version")
@@ -109,6 +111,11 @@ def training_settings(cfg: DictConfig) -> dict:
         # PaFi's backward kernel computes the same gradients whichever it is (up to summation order),
         # so it does not tell runs apart; the digest keeps the value the first results were saved with
         settings["method"]["masked_backward"] = True
+    if settings["method"].get("name") in SAVED_METHOD_LR:
+        # `method.lr` is only the default that `train.lr` interpolates, and train.lr (in the settings
+        # and the name) is the rate that trains; the defaults were raised to the rates the methods
+        # suite chose, so the digest keeps the default the first results were saved with
+        settings["method"]["lr"] = SAVED_METHOD_LR[settings["method"]["name"]]
     privacy = settings.get("privacy", {})
     if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
         settings.pop("privacy", None)

@@ -351,3 +351,43 @@ def format_label_histograms(partitions: list[datasets.Dataset], num_bins: int = 
     for i, (part, hist) in enumerate(zip(partitions, hists)):
         lines.append(f"{i:>6}  {len(part):>6}  " + "  ".join(f"{c:>8}" for c in hist))
     return "\n".join(lines)
+
+
+SHARDS_FILE = "shards.json"
+
+
+def describe_shards(cfg: DictConfig, out: Path, deployed: bool = False) -> dict | None:
+    """Print the clients' label histograms and keep them in `<out>/shards.json` ({sizes, labels},
+    one entry per partition id): on label-skewed shards the partition draw decides much of the
+    result, so every run records its own.
+
+    A simulation calls it before it starts (a partition that cannot be drawn stops it there). A
+    deployed ServerApp calls it with `deployed=True`: its SuperNodes split the configured data the
+    same way (`partition-id` of `num-partitions` = federation.num_clients), so these are their
+    shards; a node with its own `data-dir` trains on data the server cannot see. Deployed, a train
+    split the server cannot read (a data.glue_dir holding only dev files) is said in one line and
+    nothing is written, and a directory holding another run is left alone (the run refuses it next).
+    Returns what was written, or None."""
+    fed = cfg.federation
+    if deployed and not cfg.get("resume") and (Path(out) / "config.yaml").exists():
+        return None
+    try:
+        train = train_split(cfg)
+    except (FileNotFoundError, RuntimeError) as err:
+        if not deployed:
+            raise
+        print(f"No {SHARDS_FILE}: the server cannot read the training split ({err})", flush=True)
+        return None
+    shards = partition_all(
+        train, fed.num_clients, fed.partitioner, fed.alpha, cfg.seed, fed.min_partition_size
+    )
+    where = " as the SuperNodes' partition-id/num-partitions select them" if deployed else ""
+    print(
+        f"Client shards ({fed.partitioner}, alpha={fed.alpha}, seed={cfg.seed}){where}:\n"
+        + format_label_histograms(shards),
+        flush=True,
+    )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    histograms = {"sizes": [len(s) for s in shards], "labels": label_histograms(shards)}
+    (Path(out) / SHARDS_FILE).write_text(json.dumps(histograms))
+    return histograms

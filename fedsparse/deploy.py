@@ -5,6 +5,11 @@ its ClientApp SuperExec and its data), docker-compose.tls.yml (each service moun
 its own certificate and key; ca.key never) and docker-compose.auth.yml (each SuperNode its own
 private key). The committed files in the repository are this generator's output for N=2
 (tests/test_compose.py checks it), so hand edits belong here.
+
+The files are templates rather than `yaml.safe_dump` output because they are built on anchors and
+merge keys (`<<: *supernode`), the `!override` tag and comments, none of which safe_dump writes;
+every value a user passes (build context, data directory) is written as a YAML scalar by PyYAML,
+quoted where YAML needs it, with `$` doubled for Compose's interpolation.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+
+import yaml
 
 FILES = ("docker-compose.yml", "docker-compose.tls.yml", "docker-compose.auth.yml")
 
@@ -116,7 +123,7 @@ BASE_NODE = """
   clientapp-<I>:
     <<: *clientapp
     environment: {<<: *flower-env, SUPERNODE: supernode-<I>}
-    volumes: ["<DATA>:/data<RO>"]
+    volumes: [<DATA>]
     depends_on: {supernode-<I>: {condition: service_healthy}}
 """
 
@@ -202,8 +209,25 @@ def _fill(template: str, **values: str | int) -> str:
     return template
 
 
+def scalar(value: str | int) -> str:
+    """`value` as one YAML flow scalar, for Compose: PyYAML quotes it where YAML would misread it
+    (`: `, `#`, `,`, a leading `*` or `@`, `yes`, a number) and leaves it plain otherwise; `$` is
+    doubled so that Compose does not interpolate it."""
+    if isinstance(value, str):
+        if any(c in value for c in "\n\r\t\0"):
+            raise ValueError(f"{value!r}: a path in a compose file cannot hold control characters")
+        value = value.replace("$", "$$")
+    return yaml.safe_dump([value], default_flow_style=True, width=float("inf")).strip()[1:-1]
+
+
+def host_path(path: str) -> str:
+    """A host path as a bind mount source: a relative one gets `./`, so that no reader (nor Compose's
+    short syntax) takes it for a named volume."""
+    return path if path.startswith(("/", ".", "~")) else f"./{path}"
+
+
 def _bind(source: str, target: str) -> str:
-    return f"{{type: bind, source: {source}, target: {target}, read_only: true}}"
+    return f"{{type: bind, source: {scalar(source)}, target: {target}, read_only: true}}"
 
 
 def _cert_files(name: str) -> str:
@@ -248,11 +272,12 @@ def _superlink_command(auth: bool) -> str:
 def compose_files(nodes: int, data_root: str | None = None, context: str = ".") -> dict[str, str]:
     """File name -> text for `nodes` data owners. Without `data_root` each node partitions the
     bundled data on a named volume `node-i-data`; with it, node i reads its own GLUE directory
-    `<data_root>/supernode-i` (read-only, node config data-dir="/data")."""
+    `<data_root>/supernode-i` (a read-only bind mount, node config data-dir="/data"). Relative
+    `data_root` and `context` are relative to the directory the files are written to."""
     if nodes < 1:
         raise ValueError("--nodes must be at least 1")
     names = node_names(nodes)
-    base = _fill(BASE_HEAD, N=nodes, CONTEXT=context)
+    base = _fill(BASE_HEAD, N=nodes, CONTEXT=scalar(context))
     tls, auth = (
         _fill(
             head,
@@ -267,14 +292,13 @@ def compose_files(nodes: int, data_root: str | None = None, context: str = ".") 
     volumes = ["superlink-state", "results", "server-data"]
     for pid, name in enumerate(names):
         i = pid + 1
-        own = f"{data_root.rstrip('/')}/{name}" if data_root else None
+        own = host_path(f"{data_root.rstrip('/')}/{name}") if data_root else None
         base += _fill(
             BASE_NODE,
             I=i,
             PID=pid,
             EXTRA=", NODE_CONFIG_EXTRA: 'data-dir=\"/data\"'" if own else "",
-            DATA=own or f"node-{i}-data",
-            RO=":ro" if own else "",
+            DATA=_bind(own, "/data") if own else f'"node-{i}-data:/data"',
         )
         volumes += [] if own else [f"node-{i}-data"]
         tls += _fill(TLS_NODE, I=i, NODE_FILES=_cert_files(name))
@@ -300,15 +324,18 @@ def main(argv: list[str] | None = None) -> None:
     compose.add_argument("--out", type=Path, default=Path("."), help="directory to write into (default .)")
     compose.add_argument(
         "--data-root",
-        help="each node reads its own GLUE directory DATA_ROOT/supernode-i (bind mount, read-only) "
-        "instead of a partition of the bundled data",
+        help="each node reads its own GLUE directory DATA_ROOT/supernode-i (bind mount, read-only; "
+        "a relative path is relative to the current directory) instead of a partition of the bundled data",
     )
     compose.add_argument(
         "--context", help="Docker build context, relative to --out (default: the path from --out to cwd)"
     )
     args = parser.parse_args(argv)
     context = args.context or os.path.relpath(Path.cwd(), args.out.resolve())
-    for path in write_compose(args.out, args.nodes, args.data_root, context):
+    data_root = args.data_root
+    if data_root and not data_root.startswith(("/", "~")):  # as typed, from here; the files, from --out
+        data_root = os.path.relpath(Path(data_root).resolve(), args.out.resolve())
+    for path in write_compose(args.out, args.nodes, data_root, context):
         print(f"wrote {path}")
     names = " ".join(node_names(args.nodes))
     print(f'certificates: SUPERNODES="{names}" scripts/generate-certs.sh certificates')

@@ -23,6 +23,7 @@ import numpy as np
 from fedsparse.results import progress
 from fedsparse.tables import (
     Group,
+    best_metric,
     bytes_to_target,
     final_metric,
     group_runs,
@@ -99,7 +100,8 @@ def trend(run_series: dict[str, np.ndarray]) -> float | None:
 
 
 def group_table(groups: list[Group]) -> str:
-    """Per group: seeds, final and best dev metric (mean ± std), the trend of the last rounds,
+    """Per group: seeds, final and best dev metric (mean ± std; best over the trained rounds,
+    round 0 left out as in the bytes-to-target table: `tables.trained`), the trend of the last rounds,
     mean bytes per client and round, mean total bytes (all clients and rounds), rounds."""
     header, rows = id_columns(groups)
     metric = _metric_name(groups)
@@ -109,7 +111,8 @@ def group_table(groups: list[Group]) -> str:
         summaries = [r["summary"] for r in g.runs]
         fed = [series(r, g.metric) for r in g.runs if r["rounds"]]
         row += [str(len(g.runs))] + ([g.metric] if mixed else [])
-        row += [_cell([final_metric(s, g.metric) for s in summaries]), _cell(_present(summaries, "best"))]
+        bests = [b for b in (best_metric(r, g.metric) for r in g.runs) if b is not None]
+        row += [_cell([final_metric(s, g.metric) for s in summaries]), _cell(bests)]
         row += [other] if any(others) else []
         slopes = [t for t in map(trend, fed) if t is not None]
         row += [_cell(slopes, mean_fmt="{:+.4f}".format)]

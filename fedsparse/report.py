@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from fedsparse.readme_blocks import DEFAULT_TARGETS, experiment_tables, plot_groups, update_readme
-from fedsparse.tables import group_runs, load_runs, run_table
+from fedsparse.tables import group_runs, load_runs, run_table, split_run_dirs
 
 
 def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("runs", nargs="*", help="run directories (config.yaml, rounds.jsonl, summary.json)")
-    parser.add_argument("--out", default=None, help="where to write the plots (default: first run dir)")
+    parser.add_argument(
+        "runs", nargs="*", help="run directories (config.yaml, ...); other paths are skipped with a note"
+    )
+    parser.add_argument("--out", default=None, help="where to write the plots (default: first finished run)")
     parser.add_argument(
         "--readme", default=None, help="regenerate the <!-- report:NAME --> blocks of this Markdown file"
     )
@@ -42,10 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         return update_readme(args.readme, args.results, check=args.check, targets=args.targets)
     if not args.runs:
         parser.error("give run directories, or --readme FILE.md")
-    runs, unfinished = load_runs(args.runs)
+    run_dirs, others = split_run_dirs(args.runs)
+    if others:  # e.g. `outputs/*` also matches --out outputs/plots, or a run stopped before round 0
+        skipped = ", ".join(map(str, others))
+        print(f"skipped, no config.yaml (not a run, or one stopped before it began): {skipped}")
+    if not run_dirs:
+        print("no fedsparse run among the given paths (a run directory holds config.yaml)")
+        return 1
+    runs, unfinished = load_runs(run_dirs)
     groups = group_runs(runs)
     print(run_table(runs) + "\n\n" + experiment_tables(groups, unfinished, args.targets or DEFAULT_TARGETS))
-    for path in plot_groups(groups, args.out or args.runs[0]) if runs else []:
+    for path in plot_groups(groups, args.out or runs[0]["dir"]) if runs else []:
         print(f"wrote {path}")
     return 0
 

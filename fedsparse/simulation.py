@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -14,10 +13,24 @@ from omegaconf import DictConfig
 
 from fedsparse.client_app import make_client_app
 from fedsparse.config import run_dir
-from fedsparse.data import format_label_histograms, label_histograms, partition_all, train_split
+from fedsparse.data import describe_shards
 from fedsparse.results import is_finished, progress, refuse_existing_run
 from fedsparse.run import Run, new_run
 from fedsparse.server_app import make_server_app
+
+# Flower warnings about what fedsparse does on purpose, which tell a user nothing: left out of a
+# simulation's console unless it is verbose (`quiet_flower`).
+QUIET_FLOWER = (
+    # the server evaluates centrally; clients evaluate only with federation.evaluate_clients=true
+    "fraction_evaluate is set to 0.0",
+    # `python -m fedsparse` simulates through it on purpose; deployments use `flwr run`
+    "The `run_simulation` function is deprecated",
+)
+
+
+class _QuietFlower(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in QUIET_FLOWER)
 
 
 def backend_config(cfg: DictConfig) -> dict:
@@ -34,23 +47,6 @@ def backend_config(cfg: DictConfig) -> dict:
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": 0.0}, "init_args": init_args}
 
 
-def describe_shards(cfg: DictConfig, out: Path) -> None:
-    """Print the clients' label histograms and keep them in `shards.json`: on label-skewed
-    shards the partition draw decides much of the result, so every run records its own."""
-    fed = cfg.federation
-    shards = partition_all(
-        train_split(cfg), fed.num_clients, fed.partitioner, fed.alpha, cfg.seed, fed.min_partition_size
-    )
-    print(
-        f"Client shards ({fed.partitioner}, alpha={fed.alpha}, seed={cfg.seed}):\n"
-        + format_label_histograms(shards),
-        flush=True,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    histograms = {"sizes": [len(s) for s in shards], "labels": label_histograms(shards)}
-    (out / "shards.json").write_text(json.dumps(histograms))
-
-
 @contextlib.contextmanager
 def environment(**variables: str) -> Iterator[None]:
     """Set environment variables that are not set already, for the duration of the block."""
@@ -61,6 +57,27 @@ def environment(**variables: str) -> Iterator[None]:
     finally:
         for k in added:
             os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def quiet_flower(verbose: bool) -> Iterator[None]:
+    """Flower's log without the QUIET_FLOWER warnings, and its Ray actors' log at ERROR only, for
+    the duration of the block (unless `verbose`). An actor's only warning is "Manually terminating
+    ClientAppActor" when the simulation ends; the actors are other processes, where no filter of
+    this one applies, so they get Flower's FLWR_LOG_LEVEL (read when an actor imports Flower),
+    unless it is set already. A ClientApp's errors still show."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        yield
+        return
+    quiet = _QuietFlower()
+    flwr_logger.addFilter(quiet)
+    try:
+        with environment(FLWR_LOG_LEVEL="ERROR"):
+            yield
+    finally:
+        flwr_logger.removeFilter(quiet)
 
 
 def set_ray_defaults() -> None:
@@ -77,12 +94,11 @@ def run_simulation(run: Run | DictConfig, verbose: bool = False) -> Path:
     cfg = run.cfg
     refuse_existing_run(cfg)  # before anything is written or started
     describe_shards(cfg, run_dir(cfg))
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     set_ray_defaults()
     # Ray's workers inherit this environment: each actor computes on its own cores only, where
     # torch's default (every core in every actor) would oversubscribe the machine.
     threads = str(max(1, int(cfg.federation.client_cpus)))
-    with environment(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads):
+    with environment(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads), quiet_flower(verbose):
         flwr_run_simulation(
             server_app=make_server_app(run),
             client_app=make_client_app(cfg),  # the server's own config object: one resolved config

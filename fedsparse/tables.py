@@ -84,9 +84,22 @@ def _other_bytes(comm: dict) -> int:
     return comm["total_bytes"] - sum(comm[d]["bytes"] for d in ("down", "up", "eval_down", "eval_up"))
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """A directory holding a run's `config.yaml`: a run, finished or not. A run stopped before its
+    recorder started (only `shards.json`), a plots folder or a file beside the runs is not one."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def split_run_dirs(paths: list[str | Path]) -> tuple[list[Path], list[Path]]:
+    """`paths` (e.g. a shell glob over an output directory) as (run directories, everything else)."""
+    paths = list(map(Path, paths))
+    return [p for p in paths if is_run_dir(p)], [p for p in paths if not is_run_dir(p)]
+
+
 def load_runs(run_dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
     """The finished runs as {dir, config, rounds, summary}, and the unfinished ones (a config.yaml
-    and a summary saying `finished: false`, or none yet); raises for a directory holding no run."""
+    and a summary saying `finished: false`, or none yet); raises for a path holding no run (see
+    `split_run_dirs`, which sets those apart first)."""
     runs, unfinished = [], []
     for d in map(Path, run_dirs):
         if (d / "config.yaml").exists() and not is_finished(d):
@@ -95,6 +108,23 @@ def load_runs(run_dirs: list[str | Path]) -> tuple[list[dict], list[Path]]:
         config, rounds, summary = read_run(d)
         runs.append({"dir": str(d), "config": config, "rounds": rounds, "summary": summary})
     return runs, unfinished
+
+
+def trained(rounds: list[dict]) -> list[dict]:
+    """The rounds that trained: round 0 is the initial global state, evaluated before any client
+    trained, the point the curves start from (plots, `format_round`) and not a result. One rule for
+    every number over rounds: a run's best metric (`best_metric`), the first round that reaches a
+    target (`bytes_to_target`) and the trend (`readme_blocks.trend`) look at rounds >= 1 only, as
+    the summary's `best` does; so a run starting from a fine-tuned model does not "reach" a target
+    at round 0 with 0 bytes that its training never reaches."""
+    return [r for r in rounds if r["round"] >= 1]
+
+
+def best_metric(run: dict, metric: str) -> float | None:
+    """The best dev metric over the run's trained rounds (`trained`), read from its rounds; the
+    summary's `best` for a run without rounds; None for a central run (it has only `dev`)."""
+    values = [r["dev"][metric] for r in trained(run["rounds"]) if metric in r["dev"]]
+    return max(values) if values else run["summary"].get("best")
 
 
 def final_metric(summary: dict, metric: str) -> float:
@@ -226,12 +256,13 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 
 def bytes_to_target(group: Group, target: float) -> dict:
-    """Rounds and cumulative bytes until the dev metric first reaches `target`, mean over the seeds
-    that reach it: {reached, seeds[, round, up, down, total]}."""
+    """Rounds and cumulative bytes until the dev metric first reaches `target` in a trained round
+    (round >= 1: see `trained`), mean over the seeds that reach it: {reached, seeds[, round, up,
+    down, total]}."""
     hits = []
     for run in group.runs:
         s = series(run, group.metric)
-        first = np.flatnonzero(s["metric"] >= target)
+        first = np.flatnonzero((s["metric"] >= target) & (s["round"] >= 1))
         if len(first):
             hits.append([s[k][first[0]] for k in ("round", "up", "down")])
     out = {"reached": len(hits), "seeds": len(group.runs)}

@@ -24,8 +24,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import yaml
 
-from fedsparse.deploy import FILES, compose_files, write_compose
+from fedsparse.deploy import FILES, compose_files, main, write_compose
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [ROOT / "docker-compose.yml"]
@@ -354,12 +355,56 @@ def test_generator_with_own_data_directories(tmp_path):
             "type": "bind",
             "source": f"/srv/glue/supernode-{i}",
             "target": "/data",
-            "read_only": True,
-            "bind": {"create_host_path": True},
+            "read_only": True,  # long syntax: a missing directory fails `up` instead of being created empty
         }
         assert svc[f"supernode-{i}"]["environment"]["NODE_CONFIG_EXTRA"] == 'data-dir="/data"'
     volumes = json.loads(compose_config([tmp_path / FILES[0]]).stdout)["volumes"]
     assert sorted(volumes) == ["results", "server-data", "superlink-state"]
+
+
+def test_a_relative_data_root_is_a_directory_not_a_volume(tmp_path, monkeypatch):
+    """`--data-root data` (no ./), relative to where the command runs, also with --out elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    main(["compose", "--nodes", "2", "--out", "deploy", "--data-root", "data"])
+    result = compose_config([tmp_path / "deploy" / FILES[0]], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr  # was: refers to undefined volume data/supernode-2
+    config = json.loads(result.stdout)
+    for i in (1, 2):
+        mount = mounts(config["services"][f"clientapp-{i}"])["/data"]
+        assert (mount["type"], mount["source"]) == ("bind", str(tmp_path / "data" / f"supernode-{i}"))
+    assert sorted(config["volumes"]) == ["results", "server-data", "superlink-state"]
+    assert "./data/supernode-1" in compose_files(1, data_root="data")[FILES[0]]  # a path to any reader
+
+
+@pytest.mark.parametrize("value", ["/srv/my data: 2024", "/srv/data #2", "/srv/#1,[a]", "/srv/$HOME's"])
+def test_values_are_written_as_yaml_scalars(tmp_path, value):
+    """A build context or data directory with YAML's (or Compose's) special characters reads back as
+    itself, where the plain insertion broke the file (`mapping values are not allowed`)."""
+    write_compose(tmp_path, 2, data_root=value, context=value)
+    text = (tmp_path / FILES[0]).read_text()
+    loaded = yaml.safe_load(text)
+    assert loaded["x-fedsparse"]["build"]["context"] == value.replace("$", "$$")
+    result = compose_config([tmp_path / FILES[0]], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    svc = json.loads(result.stdout)["services"]
+    literal = value.replace("$", "$$")  # a literal `$` (not $HOME interpolated), escaped again in the output
+    assert svc["superlink"]["build"]["context"] == literal
+    assert mounts(svc["clientapp-2"])["/data"]["source"] == f"{literal}/supernode-2"
+
+
+def test_a_path_with_a_newline_is_refused():
+    with pytest.raises(ValueError, match="control characters"):
+        compose_files(1, data_root="/srv/a\nb")
+
+
+def test_the_example_output_directory_is_ignored_by_git():
+    """docs/deployment.md writes `--out deploy/` inside the repository."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = subprocess.run(
+        ["git", "check-ignore", "-q", "deploy/docker-compose.yml"], cwd=ROOT, capture_output=True
+    )
+    assert result.returncode == 0, "deploy/ is not git-ignored"
 
 
 def test_image_pins_the_project_versions():

@@ -175,5 +175,42 @@ def test_committed_results_keep_their_auto_names():
     assert named, "no auto-named results committed"
     for path in named:
         saved = OmegaConf.load(path)
-        current = OmegaConf.merge(compose_config([f"method={saved.method.name}"]), saved)
+        defaults = compose_config([f"method={saved.method.name}"])
+        current = OmegaConf.merge(defaults, saved)
         assert auto_run_name(current) == path.parent.name
+        # rerunning its command today (a preset, method=, train.lr=, seed=) composes today's
+        # method.lr default beside the same train.lr: still the same run
+        current.method.lr = defaults.method.lr
+        assert auto_run_name(current) == path.parent.name
+
+
+def _chosen_rates() -> dict[str, float]:
+    """The rate each method ran its seeds 1-2 at in the methods suite: the one its search chose."""
+    chosen = {}
+    for path in (RESULTS / "methods").glob("*/config.yaml"):
+        saved = OmegaConf.load(path)
+        if saved.seed == 1:
+            assert chosen.setdefault(saved.method.name, saved.train.lr) == saved.train.lr
+    return chosen
+
+
+def test_each_methods_default_lr_is_the_rate_the_comparison_chose():
+    chosen = _chosen_rates()
+    assert chosen == {"pafi": 2e-2, "lora": 4e-3, "bitfit": 4e-3, "hiwi": 3e-3, "full": 2e-4, "topk": 2e-4}
+    for method, lr in chosen.items():
+        assert compose_config([f"method={method}"]).train.lr == lr
+    convergence = [OmegaConf.load(p) for p in (RESULTS / "convergence").glob("*/config.yaml")]
+    assert {c.method.name: c.train.lr for c in convergence} == chosen  # the 20-round runs: the same
+
+
+def test_a_committed_run_is_found_with_or_without_its_lr_on_the_command_line():
+    """The methods suite passed train.lr; a user who leaves it out now gets the chosen rate, and both
+    commands name the committed run. Another train.lr is another run, the losing 1x rate included."""
+
+    def name(*overrides: str) -> str:
+        return compose_config(["+experiment=methods", "method=lora", "seed=0", *overrides]).run_name
+
+    assert name() == name("train.lr=4e-3") == "lora-sst2-a1-lr0.004-s0-462784"
+    assert (RESULTS / "methods" / name() / "summary.json").exists()
+    assert name("train.lr=1e-3") == "lora-sst2-a1-lr0.001-s0-730c8c"
+    assert name("train.lr=5e-3") != name() and name("method.lr=5e-3") == name("train.lr=5e-3")

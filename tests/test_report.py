@@ -170,6 +170,21 @@ def test_bytes_to_target_takes_the_first_round_reaching_it(experiment):
     assert bytes_to_target(pafi, 0.9) == {"reached": 0, "seeds": 3}
 
 
+def test_best_and_targets_follow_one_rule_for_round_0(tmp_path):
+    """A run starting from a fine-tuned model (round 0 at 0.85) that training moves to 0.7695 at
+    best: round 0 is the initial state, in neither its best accuracy nor the target table."""
+    run = write_run(tmp_path, "pafi", 0, [0.85, 0.76, 0.7695, 0.75])
+    groups = group_runs(load_runs([run])[0])
+    assert "| pafi | 0.01 | 1 | 0.7500 | 0.7695 |" in group_table(groups)
+    assert "| pafi | 0.01 | 0.8 | not reached (0/1 seeds) |" in target_table(groups, [0.80])
+    assert bytes_to_target(groups[0], 0.80) == {"reached": 0, "seeds": 1}
+    assert bytes_to_target(groups[0], 0.76)["round"] == 1.0
+    # the rounds decide, whatever a summary says (one written by another rule)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"best": 0.85}))
+    assert "| pafi | 0.01 | 1 | 0.7500 | 0.7695 |" in group_table(group_runs(load_runs([run])[0]))
+
+
 def test_target_table_reports_partial_and_not_reached(experiment):
     table = target_table(groups_of(experiment), [0.80, 0.85])
     assert "| pafi | 0.01 | 0.8 | 3/3 seeds | 2.0 | 1.0 KB | 2.1 KB | 3.1 KB |" in table
@@ -199,6 +214,41 @@ def test_cli_on_run_directories_lists_unfinished_runs(experiment, tmp_path, caps
         "metric_vs_bytes.png",
         "metric_vs_round.png",
     ]
+
+
+def test_cli_skips_what_is_not_a_run_with_one_line(experiment, tmp_path, capsys):
+    """`python -m fedsparse.report outputs/* --out outputs/plots`, run twice: the glob also matches a
+    run stopped before its recorder started (only shards.json), a file beside the runs and, the
+    second time, the plots folder itself."""
+    stopped = experiment / "pafi-stopped"
+    stopped.mkdir()
+    (stopped / "shards.json").write_text("{}")
+    (experiment / "multirun.yaml").write_text("hydra: {}\n")
+    plots = experiment / "plots"
+    for use in (1, 2):
+        assert main([*map(str, sorted(experiment.iterdir())), "--out", str(plots)]) == 0
+        out = capsys.readouterr().out
+        skipped = [line for line in out.splitlines() if line.startswith("skipped")]
+        expected = [experiment / "multirun.yaml", stopped] + ([plots] if use == 2 else [])
+        assert skipped == [
+            "skipped, no config.yaml (not a run, or one stopped before it began): "
+            + ", ".join(map(str, sorted(expected)))
+        ]
+        assert "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 |" in out
+        assert sorted(p.name for p in plots.iterdir()) == [
+            "bytes_per_round.png",
+            "metric_vs_bytes.png",
+            "metric_vs_round.png",
+        ]
+    assert main([str(plots), str(stopped)]) == 1
+    assert "no fedsparse run among the given paths" in capsys.readouterr().out
+
+
+def test_plots_default_to_the_first_finished_run_not_the_first_path(experiment, capsys):
+    plots = experiment / "a-plots"  # sorts before the runs
+    plots.mkdir()
+    assert main(list(map(str, sorted(experiment.iterdir())))) == 0
+    assert not any(plots.iterdir()) and (experiment / "hiwi-s0" / "metric_vs_bytes.png").exists()
 
 
 def readme_with_block(experiment: Path, opening: str = "<!-- report:exp -->") -> Path:
