@@ -4,7 +4,7 @@
 
 Two index sets of the same k (PaFi's budget, density 0.5% of the attention + FFN weights):
 `trained`, the top-k of a real client's change after one round of local training (client 0 of
-10, Dirichlet 1.0 shard of the bundled SST-2, `--steps` AdamW steps of batch 16 at topk's lr),
+10, Dirichlet 1.0 shard of the bundled SST-2, `--steps` AdamW steps of batch 16 at lr 5e-5, the rate the committed results used),
 and `uniform`, k indices drawn uniformly at random (the top-k of i.i.d. random changes). Each
 is encoded by `TopK.encode`, decoded back exactly, and measured as arrays and as the serialized
 Flower ArrayRecord, next to PaFi's ArrayRecord on the same model.
@@ -26,6 +26,8 @@ from fedsparse.methods.index_codec import CODECS
 from fedsparse.model import load_model
 from fedsparse.run import compose_config
 from fedsparse.train import train
+
+TOPK_LR = 5e-5  # topk's default before it became the methods suite's 2e-4: the committed figures used it
 
 
 def record_bytes(wire: dict[str, np.ndarray]) -> int:
@@ -50,7 +52,7 @@ def main() -> None:
     start = time.time()
     received = topk.initial_state().copy()
     loader = client_shard(cfg, {"partition-id": 0, "num-partitions": 10}, int(cfg.train.batch_size))
-    train(topk, loader, float(cfg.method.lr), steps=args.steps, weight_decay=float(cfg.train.weight_decay))
+    train(topk, loader, TOPK_LR, steps=args.steps, weight_decay=float(cfg.train.weight_decay))
     trained = topk.pack()
     train_s = time.time() - start
     rng = np.random.default_rng(0)

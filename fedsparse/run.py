@@ -44,8 +44,9 @@ CONFIG_SCHEMA_VERSION = (
 MODES = ("federated", "central")
 # What a resumed run may change: how long it runs and waits, and whether it saves the model.
 RESUMABLE = ("federation.rounds", "federation.round_timeout", "federation.wait_timeout", "save_model")
-# Decided by resume=DIR itself: the run's directory.
-PLACEMENT = ("resume", "run_name", "output_dir")
+# Decided by resume=DIR itself (the run's directory), or only a default of another key:
+# `method.lr` is what `train.lr` copies, and `train.lr` is compared.
+NOT_COMPARED = ("resume", "run_name", "output_dir", "method.lr")
 NOISE = "dp-noise"  # the generator of central DP noise: seeded from OS entropy, never from `seed`
 
 
@@ -269,7 +270,7 @@ def _apply_resume_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictCo
     asked = _flat(OmegaConf.to_container(compose(tuple(o for o in overrides if not o.startswith("resume=")))))
     defaults = _flat(OmegaConf.to_container(compose()))
     have = _flat(OmegaConf.to_container(cfg))
-    changed = [k for k, v in asked.items() if defaults.get(k, object()) != v and k not in PLACEMENT]
+    changed = [k for k, v in asked.items() if defaults.get(k, object()) != v and k not in NOT_COMPARED]
     refused = [k for k in changed if k not in RESUMABLE and have.get(k, object()) != asked[k]]
     if refused:
         shown = ", ".join(f"{k}={asked[k]} (the run has {have.get(k)})" for k in refused)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from fedsparse import privacy
 from fedsparse.accounting import CommLedger, full_model_bytes
-from fedsparse.data import TASKS, dev_split
+from fedsparse.data import TASKS, describe_shards, dev_split
 from fedsparse.methods import Method, build_method
 from fedsparse.model import load_model, load_tokenizer
 from fedsparse.recorder import RoundRecorder
@@ -111,6 +111,8 @@ def make_server_app(run: Run | None = None) -> ServerApp:
         if this.finished:
             print(f"skip: {this.dir} is finished with this configuration", flush=True)
             return
+        if run is None:  # deployed (a simulation wrote shards.json before it started)
+            describe_shards(this.cfg, this.dir, deployed=True)
         run_server(grid, this)
 
     return app
