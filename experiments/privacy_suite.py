@@ -29,7 +29,7 @@ from pathlib import Path
 from common import write_result
 
 from fedsparse.config import run_dir
-from fedsparse.results import read_run
+from fedsparse.report.results import read_run
 from fedsparse.run import compose_config
 
 

@@ -24,12 +24,12 @@ from common import write_result  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fedsparse.accounting import CommLedger, wire_bytes  # noqa: E402
+from fedsparse.apps.server_app import make_strategy  # noqa: E402
+from fedsparse.federation.accounting import CommLedger, wire_bytes  # noqa: E402
 from fedsparse.methods import build_method  # noqa: E402
-from fedsparse.model import load_model  # noqa: E402
+from fedsparse.methods.model import load_model  # noqa: E402
+from fedsparse.privacy.secagg import SecAggRunner  # noqa: E402
 from fedsparse.run import compose_config  # noqa: E402
-from fedsparse.secagg import SecAggRunner  # noqa: E402
-from fedsparse.server_app import make_strategy  # noqa: E402
 
 
 def main() -> None:
@@ -74,7 +74,7 @@ def main() -> None:
         return arrays, metrics
 
     grid._train, strategy.aggregate_train = train, keep
-    runner = SecAggRunner(strategy, cfg)
+    runner = SecAggRunner(strategy, cfg, cfg.privacy.secagg_max_weight)
     initial = ArrayRecord({"values": Array(method.initial_state())})
     runner.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=harness.TRAIN_CONFIG)
     plain = make_strategy(cfg, method, CommLedger(method.head_size))

@@ -2,7 +2,7 @@
 
 Runs the deployment of tests/test_deployment.py (a real SuperLink and two SuperNodes on
 127.0.0.1, `flwr run`, tiny model, 2 rounds) for PaFi and full fine-tuning, plain and TLS, with
-the SuperNodes connected through fedsparse.relay. Per round and direction it prints the bytes the
+the SuperNodes connected through fedsparse.deploy.relay. Per round and direction it prints the bytes the
 ledger accounts (`message_to_proto(m).ByteSize()` summed over the round's messages, rounds.jsonl
 `comm`) and the bytes that crossed the SuperNode <-> SuperLink sockets. A few minutes per run.
 
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_deployment as harness  # noqa: E402
 from common import write_result  # noqa: E402
 
-from fedsparse.relay import DOWN, UP  # noqa: E402
-from fedsparse.results import read_run  # noqa: E402
+from fedsparse.deploy.relay import DOWN, UP  # noqa: E402
+from fedsparse.report.results import read_run  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "socket_bytes.md"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from common import write_result
 
-from fedsparse.data import train_split
+from fedsparse.data.glue import train_split
 from fedsparse.methods import build_method
-from fedsparse.model import load_model, load_tokenizer
+from fedsparse.methods.model import load_model, load_tokenizer
 from fedsparse.run import compose_config
-from fedsparse.train import make_loader, train
+from fedsparse.training.train import make_loader, train
 
 VARIANTS = [
     ("pafi (masked backward, SDDMM)", ["method=pafi"]),

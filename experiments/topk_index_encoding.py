@@ -20,12 +20,12 @@ from common import write_result
 from flwr.app import Array, ArrayRecord
 from flwr.common.serde import array_record_to_proto
 
-from fedsparse.client_train import client_shard
+from fedsparse.apps.client_train import client_shard
 from fedsparse.methods import build_method
 from fedsparse.methods.index_codec import CODECS
-from fedsparse.model import load_model
+from fedsparse.methods.model import load_model
 from fedsparse.run import compose_config
-from fedsparse.train import train
+from fedsparse.training.train import train
 
 TOPK_LR = 5e-5  # topk's default before it became the methods suite's 2e-4: the committed figures used it
 

@@ -12,7 +12,7 @@ import argparse
 from common import write_result
 
 from fedsparse.methods import METHODS, build_method
-from fedsparse.model import load_model
+from fedsparse.methods.model import load_model
 from fedsparse.run import compose_config
 
 VARIANTS = [

@@ -22,11 +22,11 @@ def main(cfg: DictConfig) -> None:
         print(f"skip: {run.dir} is finished with this configuration", flush=True)
         return
     if run.cfg.mode == "central":
-        from fedsparse.central import run_central
+        from fedsparse.apps.central import run_central
 
         run_central(run.cfg)
     else:
-        from fedsparse.simulation import run_simulation
+        from fedsparse.apps.simulation import run_simulation
 
         run_simulation(run)
 

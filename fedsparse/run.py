@@ -22,7 +22,6 @@ import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from fedsparse import checkpoint
 from fedsparse.config import (
     CONF_DIR,
     auto_run_name,
@@ -31,12 +30,13 @@ from fedsparse.config import (
     overrides_from_run_config,
     run_dir,
 )
-from fedsparse.data import TASKS
-from fedsparse.faults import FAIL_MODES
+from fedsparse.data.glue import TASKS
+from fedsparse.federation import checkpoint
+from fedsparse.federation.faults import FAIL_MODES
+from fedsparse.federation.strategy import STRATEGIES
 from fedsparse.methods import METHODS
-from fedsparse.privacy import config_problems
-from fedsparse.results import already_finished, is_finished
-from fedsparse.strategy import STRATEGIES
+from fedsparse.privacy.dp import config_problems
+from fedsparse.report.results import already_finished, is_finished
 
 CONFIG_SCHEMA_VERSION = (
     2  # `schema_version` in conf/config.yaml; 1: configs saved before versions existed (no `schema_version`)

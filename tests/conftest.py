@@ -16,7 +16,7 @@ for _var in (
 ):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# a fresh disk cache (fedsparse.cache) per test session, inherited by the Flower processes
+# a fresh disk cache (fedsparse.data.cache) per test session, inherited by the Flower processes
 if "FEDSPARSE_CACHE_DIR" not in os.environ:
     os.environ["FEDSPARSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedsparse-test-cache-")
     atexit.register(shutil.rmtree, os.environ["FEDSPARSE_CACHE_DIR"], ignore_errors=True)
@@ -25,10 +25,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from fedsparse.accounting import CommLedger  # noqa: E402
-from fedsparse.model import TINY_BERT, load_model  # noqa: E402
-from fedsparse.sampling import ClientSampler  # noqa: E402
-from fedsparse.strategy import PackedFedAvg  # noqa: E402
+from fedsparse.federation.accounting import CommLedger  # noqa: E402
+from fedsparse.federation.sampling import ClientSampler  # noqa: E402
+from fedsparse.federation.strategy import PackedFedAvg  # noqa: E402
+from fedsparse.methods.model import TINY_BERT, load_model  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "fedsparse" / "conf"
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
@@ -77,7 +77,7 @@ def packed_strategy(method) -> PackedFedAvg:
 @pytest.fixture(scope="session")
 def shared_ray():
     """One Ray head for the session's simulations, which attach to it through `RAY_ADDRESS`
-    (`fedsparse.simulation.backend_config`): a Ray instance of their own costs each run seconds
+    (`fedsparse.apps.simulation.backend_config`): a Ray instance of their own costs each run seconds
     of start and stop. The head is started with the Ray settings `run_simulation` sets for a Ray
     instance of its own, so that its workers inherit them."""
     if os.environ.get("RAY_ADDRESS"):  # the caller's own cluster
@@ -85,7 +85,7 @@ def shared_ray():
         return
     from ray_head import ray_head
 
-    from fedsparse.simulation import set_ray_defaults
+    from fedsparse.apps.simulation import set_ray_defaults
 
     set_ray_defaults()
     with ray_head(num_cpus=os.cpu_count() or 1) as (address, _):

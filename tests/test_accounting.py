@@ -7,8 +7,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from fedsparse import accounting
-from fedsparse.accounting import CommLedger, MeteredGrid, full_model_bytes, message_sizes, wire_bytes
+from fedsparse.federation import accounting
+from fedsparse.federation.accounting import (
+    CommLedger,
+    MeteredGrid,
+    full_model_bytes,
+    message_sizes,
+    wire_bytes,
+)
 
 # node ids whose varints take 1, 2, 5, 9 and 10 bytes
 NODES = [7, 300, 2**30, 2**62, 2**64 - 1]

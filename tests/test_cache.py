@@ -1,4 +1,4 @@
-"""The node-local disk cache (fedsparse.cache): same results as recomputing, corruption is
+"""The node-local disk cache (fedsparse.data.cache): same results as recomputing, corruption is
 ignored and rebuilt, and the key follows everything the cached content depends on."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 from conftest import method_cfg, tiny_model
 from omegaconf import OmegaConf
 
-from fedsparse import cache
-from fedsparse.client_train import _shard, client_shard, shard_entry
+from fedsparse.apps.client_train import _shard, client_shard, shard_entry
+from fedsparse.data import cache
 from fedsparse.methods.base import checkpoint_digest
+from fedsparse.methods.model import load_tokenizer
 from fedsparse.methods.pafi import cached_mask, compute_mask
-from fedsparse.model import load_tokenizer
 from fedsparse.run import compose_config
 
 PAFI = {"density": 0.05}

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsparse.deploy import FILES, compose_files, main, write_compose
+from fedsparse.deploy.compose import FILES, compose_files, main, write_compose
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [ROOT / "docker-compose.yml"]

@@ -45,8 +45,8 @@ def test_pyproject_declares_only_the_bridge_key():
     flwr = pyproject["tool"]["flwr"]["app"]
     assert flwr["config"] == {"overrides": ""}  # everything else lives in fedsparse/conf
     assert flwr["components"] == {
-        "serverapp": "fedsparse.server_app:app",
-        "clientapp": "fedsparse.client_app:app",
+        "serverapp": "fedsparse.apps.server_app:app",
+        "clientapp": "fedsparse.apps.client_app:app",
     }
 
 
@@ -143,7 +143,7 @@ def test_auto_run_names_follow_the_configuration():
 
 
 def test_a_finished_run_is_skipped_and_another_config_refused(tmp_path):
-    from fedsparse.results import RunWriter, already_finished
+    from fedsparse.report.results import RunWriter, already_finished
 
     cfg = compose_config(["run_name=auto", f"output_dir={tmp_path}"])
     assert not already_finished(cfg)

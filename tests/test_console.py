@@ -9,7 +9,7 @@ from logging import WARNING
 import pytest
 from flwr.supercore.logger import log, warn_deprecated_feature
 
-from fedsparse.simulation import quiet_flower
+from fedsparse.apps.simulation import quiet_flower
 
 
 @pytest.fixture

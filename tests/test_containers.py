@@ -31,7 +31,7 @@ from flower_procs import ROOT, flower_env, flwr_run, write_connection
 from test_compose import parsed, services
 from test_deployment import OVERRIDES, _assert_matches_simulation, simulated  # noqa: F401 (fixture)
 
-from fedsparse.deploy import FILES, write_compose
+from fedsparse.deploy.compose import FILES, write_compose
 
 FIGURES = ROOT / "outputs" / "containers"
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_GLUE
 
-from fedsparse.data import format_label_histograms, label_histograms, load_glue, partition, partition_all
+from fedsparse.data.glue import format_label_histograms, label_histograms, load_glue, partition, partition_all
 
 needs_glue = pytest.mark.skipif(
     not SHARED_GLUE.exists(), reason=f"{SHARED_GLUE} is absent: the GLUE TSVs sit beside the repo in CI"

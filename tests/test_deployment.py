@@ -22,10 +22,10 @@ from flower_procs import (
 )
 from flwr.cli.build import build_fab_from_disk
 
-from fedsparse.relay import DOWN, UP, Relay, windows
-from fedsparse.results import read_run
+from fedsparse.apps.simulation import run_simulation
+from fedsparse.deploy.relay import DOWN, UP, Relay, windows
+from fedsparse.report.results import read_run
 from fedsparse.run import compose_config
-from fedsparse.simulation import run_simulation
 
 OVERRIDES = [
     "model=tiny",

@@ -163,7 +163,10 @@ def test_documented_command_is_valid(command: Command):
     if command.kind == "module":
         spec = importlib.util.find_spec(command.target)
         assert spec and spec.origin, f"{command.where}: no module {command.target}"
-        source = Path(spec.origin).read_text()
+        files = [Path(spec.origin)]
+        if spec.submodule_search_locations:  # a package run by its __main__: its modules' options
+            files = sorted(Path(spec.origin).parent.glob("*.py"))
+        source = "".join(f.read_text() for f in files)
     else:
         path = REPO / command.target
         assert path.is_file(), f"{command.where}: no script {command.target}"

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from fedsparse.apps.simulation import run_simulation
 from fedsparse.run import compose_config
-from fedsparse.simulation import run_simulation
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import SHARED_GLUE
 
+from fedsparse.apps.simulation import run_simulation
+from fedsparse.federation.strategy import PackedStrategy
 from fedsparse.methods import build_method
-from fedsparse.model import load_model
-from fedsparse.results import read_run
+from fedsparse.methods.model import load_model
+from fedsparse.report.results import read_run
 from fedsparse.run import compose_config
-from fedsparse.simulation import run_simulation
-from fedsparse.strategy import PackedStrategy
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 
@@ -194,7 +194,7 @@ def test_summary_and_rounds_are_plain_json(runs):
 
 
 def test_report_compares_runs_and_writes_plots(runs, tmp_path, capsys):
-    from fedsparse.report import main as report_main
+    from fedsparse.report.cli import main as report_main
 
     report_main([str(path) for _, path in runs.values()] + ["--out", str(tmp_path)])
     table = capsys.readouterr().out
@@ -225,7 +225,7 @@ def test_optional_client_side_evaluation_is_recorded(tmp_path):
 
 @pytest.mark.skipif(not SHARED_GLUE.exists(), reason="needs the GLUE TSVs beside the repo")
 def test_a_nodes_data_dir_is_its_whole_training_set():
-    from fedsparse.client_train import client_shard
+    from fedsparse.apps.client_train import client_shard
 
     cfg = compose_config(
         [

@@ -7,10 +7,10 @@ import pytest
 from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedsparse.accounting import CommLedger, message_sizes
+from fedsparse.federation.accounting import CommLedger, message_sizes
+from fedsparse.federation.strategy import PackedFedAvg
 from fedsparse.methods import build_method
 from fedsparse.methods.index_codec import CODECS, decode_indices, encode_indices, get_codec
-from fedsparse.strategy import PackedFedAvg
 
 COMPACT = ["varint", "rice", "expgolomb", "bitmap", "auto"]
 N_MINILM = 10_616_832  # MiniLM's attention + FFN candidate entries

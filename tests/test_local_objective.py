@@ -10,14 +10,14 @@ import torch
 from conftest import method_cfg, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedsparse.accounting import CommLedger
+from fedsparse.apps.server_app import make_strategy
 from fedsparse.config import training_settings
+from fedsparse.federation.accounting import CommLedger
+from fedsparse.federation.strategy import PackedFedProx
 from fedsparse.methods import build_method
-from fedsparse.model import TINY_BERT, load_tokenizer
+from fedsparse.methods.model import TINY_BERT, load_tokenizer
 from fedsparse.run import compose_config
-from fedsparse.server_app import make_strategy
-from fedsparse.strategy import PackedFedProx
-from fedsparse.train import _batches, make_loader, train
+from fedsparse.training.train import _batches, make_loader, train
 
 LR, STEPS, SEED = 1e-2, 8, 3
 

@@ -13,11 +13,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
-from fedsparse import client_train
+from fedsparse.apps import client_train
 from fedsparse.methods import METHODS, build_method
 from fedsparse.methods.index_codec import decode_indices, encode_indices
+from fedsparse.methods.model import head_parameter_names
 from fedsparse.methods.pafi import GROUPS, candidate_parameters, compute_mask
-from fedsparse.model import head_parameter_names
 from fedsparse.run import compose_config
 
 

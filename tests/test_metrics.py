@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from fedsparse.metrics import compute_metrics, main_metric
+from fedsparse.data.glue import main_metric
+from fedsparse.training.metrics import compute_metrics
 
 
 def test_accuracy_and_f1():

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsparse.model import TINY_BERT, bundled_minilm_path, head_parameter_names, load_model, load_tokenizer
+from fedsparse.methods.model import (
+    TINY_BERT,
+    bundled_minilm_path,
+    head_parameter_names,
+    load_model,
+    load_tokenizer,
+)
 
 
 def test_tiny_model_is_deterministic_per_seed_and_uses_a_real_tokenizer():

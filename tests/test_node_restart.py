@@ -1,6 +1,6 @@
 """A SuperNode killed (SIGKILL) between rounds and started again with the same --node-config, on
 loopback: it comes back with a new node id while the SuperLink still lists the old one, and its
-partition passes to the new node (docs/deployment.md "Node identity", `fedsparse.sampling`)."""
+partition passes to the new node (docs/deployment.md "Node identity", `fedsparse.federation.sampling`)."""
 
 from __future__ import annotations
 

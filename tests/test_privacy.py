@@ -16,7 +16,7 @@ from flwr.serverapp import (
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
 
 from fedsparse.methods import build_method
-from fedsparse.privacy import ClientSideDp, ServerSideDp, client_mod, local_noise_std, round_record, wrap
+from fedsparse.privacy.dp import ClientSideDp, ServerSideDp, client_mod, local_noise_std, round_record, wrap
 from fedsparse.run import NOISE, compose_config, prepare
 
 N, C = 4, 0.5  # sampled clients, clipping norm

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from ray_head import cluster_processes, ray_head
 
-from fedsparse.results import read_run
+from fedsparse.apps.simulation import backend_config, run_simulation
+from fedsparse.report.results import read_run
 from fedsparse.run import compose_config
-from fedsparse.simulation import backend_config, run_simulation
 
 
 def test_simulation_attaches_to_a_running_ray_head(tmp_path):

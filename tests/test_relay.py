@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedsparse.relay import DOWN, UP, Relay, windows
+from fedsparse.deploy.relay import DOWN, UP, Relay, windows
 
 
 def _echo_server() -> tuple[socket.socket, int]:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fedsparse.readme_blocks import group_table, plot_groups, target_table, trend, update_readme
-from fedsparse.report import main
-from fedsparse.tables import bytes_to_target, group_runs, load_runs, mean_std
+from fedsparse.report.cli import main
+from fedsparse.report.readme_blocks import group_table, plot_groups, target_table, trend, update_readme
+from fedsparse.report.tables import bytes_to_target, group_runs, load_runs, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -20,12 +20,12 @@ from conftest import tiny_model
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
-from fedsparse import checkpoint
+from fedsparse.apps.simulation import run_simulation
+from fedsparse.federation import checkpoint
 from fedsparse.methods import build_method
-from fedsparse.results import RunWriter, is_finished
+from fedsparse.report.results import RunWriter, is_finished
+from fedsparse.report.tables import load_runs
 from fedsparse.run import CONFIG_SCHEMA_VERSION, ConfigError, compose_config, prepare
-from fedsparse.simulation import run_simulation
-from fedsparse.tables import load_runs
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)

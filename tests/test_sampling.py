@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedsparse.apps.simulation import run_simulation
+from fedsparse.federation.sampling import INFO_KEY, PARTITION_KEY, ClientSampler, partition_reply
+from fedsparse.federation.strategy import PackedStrategy
 from fedsparse.run import compose_config
-from fedsparse.sampling import INFO_KEY, PARTITION_KEY, ClientSampler, partition_reply
-from fedsparse.simulation import run_simulation
-from fedsparse.strategy import PackedStrategy
 
 pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 

@@ -14,18 +14,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common import bytes_to_ndarray
 from flwr.common.serde import message_from_proto, message_to_proto
 
-from fedsparse import privacy
-from fedsparse.accounting import CommLedger, wire_bytes
-from fedsparse.client_train import handle_train
-from fedsparse.data import partition_all, train_split
+from fedsparse.apps.client_train import handle_train
+from fedsparse.apps.server_app import make_strategy
+from fedsparse.data.glue import largest_shard, partition_all, train_split
+from fedsparse.federation.accounting import CommLedger, wire_bytes
+from fedsparse.federation.sampling import partition_reply
 from fedsparse.methods import build_method
-from fedsparse.model import load_model
-from fedsparse.results import read_run
+from fedsparse.methods.model import load_model
+from fedsparse.privacy import dp
+from fedsparse.privacy.secagg import SecAggRunner
+from fedsparse.report.results import read_run
+from fedsparse.report.tables import format_comm_table, human_bytes
 from fedsparse.run import compose_config
-from fedsparse.sampling import partition_reply
-from fedsparse.secagg import SecAggRunner
-from fedsparse.server_app import make_strategy
-from fedsparse.tables import format_comm_table, human_bytes
 
 CLIENTS = 3
 BASE = [
@@ -84,7 +84,7 @@ class InProcessGrid:
             if msg.metadata.message_type == MessageType.QUERY:
                 reply = partition_reply(msg, ctxt.node_config)
             else:
-                reply = privacy.client_mod(lambda _: self.cfg)(msg, ctxt, self._train)
+                reply = dp.client_mod(lambda _: self.cfg)(msg, ctxt, self._train)
             replies.append(_copy(reply))
         self.received += replies
         return replies
@@ -121,7 +121,7 @@ def _secure_round(overrides: list[str], min_replies: int | None = None):
 
     strategy._aggregate = spy
     grid = InProcessGrid(cfg)
-    runner = SecAggRunner(strategy, cfg)
+    runner = SecAggRunner(strategy, cfg, largest_shard(cfg))
     runner.start(
         grid=grid,
         initial_arrays=ArrayRecord({"values": Array(method.initial_state())}),
@@ -178,7 +178,7 @@ def test_the_strategy_never_receives_an_individual_unmasked_vector(secure_round)
 
 def test_secagg_rounds_are_measured_with_their_extra_messages(secure_round):
     cfg, grid, _, runner, _ = secure_round
-    record = privacy.round_record(cfg, runner, 1)["privacy"]
+    record = dp.round_record(cfg, runner, 1)["privacy"]
     stages = record["secagg_stages"]
     assert set(stages) == {"secagg-setup", "secagg-share_keys", "train", "secagg-unmask"}
     assert all(s["messages"] == 2 * CLIENTS for s in stages.values())  # one down, one up per client

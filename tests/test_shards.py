@@ -7,8 +7,8 @@ from collections import Counter
 
 from omegaconf import OmegaConf
 
-from fedsparse.client_train import client_shard
-from fedsparse.data import describe_shards
+from fedsparse.apps.client_train import client_shard
+from fedsparse.data.glue import describe_shards
 from fedsparse.run import compose_config
 
 SMOKE = ["+experiment=smoke", "run_name=r"]

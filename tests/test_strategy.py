@@ -8,10 +8,10 @@ import pytest
 from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedsparse.accounting import CommLedger
+from fedsparse.federation.accounting import CommLedger
+from fedsparse.federation.sampling import ClientSampler
+from fedsparse.federation.strategy import STRATEGIES
 from fedsparse.methods import METHODS, build_method
-from fedsparse.sampling import ClientSampler
-from fedsparse.strategy import STRATEGIES
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsparse.train import LengthGroupedBatches
+from fedsparse.training.train import LengthGroupedBatches
 
 
 def _lengths(n: int = 1000) -> list[int]:

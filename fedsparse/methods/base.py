@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
-from fedsparse.model import head_parameter_names
+from fedsparse.methods.model import head_parameter_names
 
 
 def checkpoint_digest(model: PreTrainedModel) -> str:

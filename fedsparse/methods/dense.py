@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from fedsparse.methods.base import Method
-from fedsparse.model import head_parameter_names
+from fedsparse.methods.model import head_parameter_names
 
 
 class Full(Method):

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
-from fedsparse import cache
+from fedsparse.data import cache
 from fedsparse.methods.base import Method
 
 GROUPS = ("attention", "ffn", "embeddings", "layernorm", "bias", "pooler")
@@ -163,7 +163,7 @@ def compute_mask(
 
 
 def cached_mask(model: PreTrainedModel, checkpoint: str, cfg: DictConfig) -> Mask:
-    """`compute_mask` through the node's disk cache (`fedsparse.cache`), keyed by the checkpoint
+    """`compute_mask` through the node's disk cache (`fedsparse.data.cache`), keyed by the checkpoint
     digest and the mask settings: a deployment ClientApp process would otherwise rank every
     candidate weight (seconds on MiniLM) for each message it serves."""
     settings = {k: cfg[k] for k in ("density", "scope", "select", "groups", "seed")}

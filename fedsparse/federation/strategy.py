@@ -18,10 +18,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from fedsparse import validation
-from fedsparse.accounting import CommLedger, MeteredGrid
-from fedsparse.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS
-from fedsparse.sampling import ClientSampler
+from fedsparse.federation import validation
+from fedsparse.federation.accounting import CommLedger, MeteredGrid
+from fedsparse.federation.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS
+from fedsparse.federation.sampling import ClientSampler
 
 if TYPE_CHECKING:  # the strategy calls the method it is given; it never imports torch
     from fedsparse.methods import Method

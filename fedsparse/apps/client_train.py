@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fedsparse import cache, faults
-from fedsparse.data import TASKS, partition, source_file, train_split
+from fedsparse.data import cache
+from fedsparse.data.glue import TASKS, partition, source_file, train_split
+from fedsparse.federation import faults
+from fedsparse.federation.protocol import INFO_KEY, METRICS_KEY
 from fedsparse.methods import Method, build_method
-from fedsparse.model import load_model, load_tokenizer
-from fedsparse.protocol import INFO_KEY, METRICS_KEY
-from fedsparse.train import encode, encoded_loader, evaluate, train
+from fedsparse.methods.model import load_model, load_tokenizer
+from fedsparse.training.train import encode, encoded_loader, evaluate, train
 
 
 @functools.lru_cache(maxsize=1)

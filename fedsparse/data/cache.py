@@ -126,7 +126,7 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-Encoding = tuple[dict[str, list[list[int]]], np.ndarray]  # what `fedsparse.train.encode` returns
+Encoding = tuple[dict[str, list[list[int]]], np.ndarray]  # what `fedsparse.training.train.encode` returns
 
 
 def cached_encoding(entry: str | None, compute: Callable[[], Encoding]) -> Encoding:

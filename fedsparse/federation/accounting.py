@@ -12,7 +12,7 @@ from flwr.common.serde import error_to_proto, message_to_proto, metadata_to_prot
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
 
-from fedsparse.protocol import ARRAYS_KEY
+from fedsparse.federation.protocol import ARRAYS_KEY
 
 BREAKDOWN = ("values", "head", "indices", "overhead")
 

@@ -340,7 +340,3 @@ def main(argv: list[str] | None = None) -> None:
     names = " ".join(node_names(args.nodes))
     print(f'certificates: SUPERNODES="{names}" scripts/generate-certs.sh certificates')
     print(f"node keys (auth): scripts/generate-supernode-keys.sh keys {names}")
-
-
-if __name__ == "__main__":
-    main()

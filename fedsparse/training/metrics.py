@@ -4,23 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MAIN_METRIC = {
-    "sst2": "accuracy",
-    "rte": "accuracy",
-    "qnli": "accuracy",
-    "mnli": "accuracy",
-    "mrpc": "f1",
-    "qqp": "f1",
-    "cola": "matthews_correlation",
-    "stsb": "pearson",
-}
-
-
-def main_metric(task: str) -> str:
-    """The metric a task is ranked by on the GLUE leaderboard."""
-    if task not in MAIN_METRIC:
-        raise ValueError(f"Unknown task '{task}': choose one of {', '.join(MAIN_METRIC)}.")
-    return MAIN_METRIC[task]
+from fedsparse.data.glue import main_metric
 
 
 def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsparse.methods import Method
-from fedsparse.metrics import compute_metrics
+from fedsparse.training.metrics import compute_metrics
 
 if TYPE_CHECKING:
     import datasets

@@ -13,16 +13,16 @@ from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from fedsparse import checkpoint
+from fedsparse.data.glue import main_metric
+from fedsparse.federation import checkpoint
+from fedsparse.federation.strategy import PackedStrategy
 from fedsparse.methods import Method
-from fedsparse.metrics import main_metric
-from fedsparse.model import load_tokenizer
-from fedsparse.report import plot_runs
-from fedsparse.results import RunWriter
+from fedsparse.methods.model import load_tokenizer
+from fedsparse.report.cli import plot_runs
+from fedsparse.report.results import RunWriter
+from fedsparse.report.tables import format_comm_table, format_round
 from fedsparse.run import Run
-from fedsparse.strategy import PackedStrategy
-from fedsparse.tables import format_comm_table, format_round
-from fedsparse.train import evaluate
+from fedsparse.training.train import evaluate
 
 MODEL_DIR = "model"  # the merged model, in stock Hugging Face format
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsparse.results import progress
-from fedsparse.tables import (
+from fedsparse.report.results import progress
+from fedsparse.report.tables import (
     Group,
     best_metric,
     bytes_to_target,

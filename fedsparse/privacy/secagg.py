@@ -40,23 +40,12 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fedsparse.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS, WEIGHT_KEY
-from fedsparse.strategy import PackedStrategy
-from fedsparse.validation import masked_reply_problem
+from fedsparse.federation.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS, WEIGHT_KEY
+from fedsparse.federation.strategy import PackedStrategy
+from fedsparse.federation.validation import masked_reply_problem
 
 log = logging.getLogger("fedsparse")
 ROUNDING_SALT = 0x5EC  # keeps the rounding stream apart from other draws keyed by (seed, round, partition)
-
-
-def largest_shard(cfg: DictConfig) -> int:
-    """The largest client's num-examples under this config's partitioning (max_weight: auto)."""
-    from fedsparse.data import partition_all, train_split
-
-    fed = cfg.federation
-    shards = partition_all(
-        train_split(cfg), fed.num_clients, fed.partitioner, fed.alpha, cfg.seed, fed.min_partition_size
-    )
-    return max(len(s) for s in shards)
 
 
 class _LegacyBridge(LegacyStrategy):
@@ -136,14 +125,16 @@ class _LegacyBridge(LegacyStrategy):
 class SecAggRunner:
     """Runs the packed strategy's rounds through SecAgg+; `start` matches `Strategy.start`."""
 
-    def __init__(self, strategy: PackedStrategy, cfg: DictConfig):
+    def __init__(self, strategy: PackedStrategy, cfg: DictConfig, max_weight: float):
+        """`max_weight`: `privacy.secagg_max_weight`, or where that is null the largest shard (the
+        caller reads the data: privacy does not)."""
         if tuple(strategy.method.wire_keys) != ("values",):
             raise ValueError(
                 f"SecAgg+ sums one dense vector; {strategy.method.name} sends {strategy.method.wire_keys}"
             )
         p = cfg.privacy
         self.strategy = strategy
-        self.max_weight = float(p.secagg_max_weight or largest_shard(cfg))
+        self.max_weight = float(max_weight)
         self.workflow = SecAggPlusWorkflow(
             num_shares=float(p.secagg_num_shares),
             reconstruction_threshold=float(p.secagg_threshold),

@@ -11,12 +11,12 @@ from pathlib import Path
 from flwr.simulation import run_simulation as flwr_run_simulation
 from omegaconf import DictConfig
 
-from fedsparse.client_app import make_client_app
+from fedsparse.apps.client_app import make_client_app
+from fedsparse.apps.server_app import make_server_app
 from fedsparse.config import run_dir
-from fedsparse.data import describe_shards
-from fedsparse.results import is_finished, progress, refuse_existing_run
+from fedsparse.data.glue import describe_shards
+from fedsparse.report.results import is_finished, progress, refuse_existing_run
 from fedsparse.run import Run, new_run
-from fedsparse.server_app import make_server_app
 
 # Flower warnings about what fedsparse does on purpose, which tell a user nothing: left out of a
 # simulation's console unless it is verbose (`quiet_flower`).

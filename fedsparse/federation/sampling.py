@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedsparse.protocol import INFO_KEY, PARTITION_KEY
+from fedsparse.federation.protocol import INFO_KEY, PARTITION_KEY
 
 log = logging.getLogger("fedsparse")
 KIND_SALT = {"train": 0, "evaluate": 1}

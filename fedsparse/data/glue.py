@@ -197,17 +197,17 @@ def _load_hub(spec: TaskSpec, split: str) -> datasets.Dataset:
 
 
 def bundled_asset(name: str) -> Path:
-    """A file from `fedsparse/assets`, also when the package was imported from a copy of its
+    """A file from `fedsparse/data/assets`, also when the package was imported from a copy of its
     sources without that folder (Flower ships only *.py/*.yaml to its app processes)."""
     candidates = [Path(__file__).resolve().parent / "assets" / name]
     try:
         dist = importlib.metadata.distribution("fedsparse")
-        candidates.append(Path(str(dist.locate_file(f"fedsparse/assets/{name}"))))
+        candidates.append(Path(str(dist.locate_file(f"fedsparse/data/assets/{name}"))))
         direct_url = dist.read_text("direct_url.json")
         if direct_url:  # editable install: the project directory
             url = json.loads(direct_url).get("url", "")
             if url.startswith("file://"):
-                candidates.append(Path(unquote(urlparse(url).path)) / "fedsparse" / "assets" / name)
+                candidates.append(Path(unquote(urlparse(url).path)) / "fedsparse" / "data" / "assets" / name)
     except importlib.metadata.PackageNotFoundError:
         pass
     for path in candidates:
@@ -391,3 +391,32 @@ def describe_shards(cfg: DictConfig, out: Path, deployed: bool = False) -> dict 
     histograms = {"sizes": [len(s) for s in shards], "labels": label_histograms(shards)}
     (Path(out) / SHARDS_FILE).write_text(json.dumps(histograms))
     return histograms
+
+
+def largest_shard(cfg: DictConfig) -> int:
+    """The largest client's num-examples under this config's partitioning (max_weight: auto)."""
+    fed = cfg.federation
+    shards = partition_all(
+        train_split(cfg), fed.num_clients, fed.partitioner, fed.alpha, cfg.seed, fed.min_partition_size
+    )
+    return max(len(s) for s in shards)
+
+
+# The metric each task is ranked by (GLUE leaderboard): what results, tables and plots report.
+MAIN_METRIC = {
+    "sst2": "accuracy",
+    "rte": "accuracy",
+    "qnli": "accuracy",
+    "mnli": "accuracy",
+    "mrpc": "f1",
+    "qqp": "f1",
+    "cola": "matthews_correlation",
+    "stsb": "pearson",
+}
+
+
+def main_metric(task: str) -> str:
+    """The metric a task is ranked by on the GLUE leaderboard."""
+    if task not in MAIN_METRIC:
+        raise ValueError(f"Unknown task '{task}': choose one of {', '.join(MAIN_METRIC)}.")
+    return MAIN_METRIC[task]

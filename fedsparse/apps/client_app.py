@@ -2,7 +2,7 @@
 
 In a deployment Flower starts a fresh process for every message, so this module imports no
 torch or transformers: a partition query and the SecAgg+ stages that do not train stay cheap,
-and only a train or evaluate message loads the model (`fedsparse.client_train`).
+and only a train or evaluate message loads the model (`fedsparse.apps.client_train`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from fedsparse import privacy
 from fedsparse.config import client_config
-from fedsparse.sampling import partition_reply
+from fedsparse.federation.sampling import partition_reply
+from fedsparse.privacy import dp
 
 
 def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
@@ -24,9 +24,9 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     def resolve(context: Context) -> DictConfig:
         return cfg if cfg is not None else client_config(context.run_config)
 
-    @app.train(mods=[privacy.client_mod(resolve)])  # SecAgg+ and client-side DP, when configured
+    @app.train(mods=[dp.client_mod(resolve)])  # SecAgg+ and client-side DP, when configured
     def _train(msg: Message, context: Context) -> Message:
-        from fedsparse.client_train import handle_train  # torch: only where a message trains
+        from fedsparse.apps.client_train import handle_train  # torch: only where a message trains
 
         return handle_train(msg, context, resolve(context))
 
@@ -36,7 +36,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        from fedsparse.client_train import handle_evaluate
+        from fedsparse.apps.client_train import handle_evaluate
 
         return handle_evaluate(msg, context, resolve(context))
 

@@ -1,5 +1,5 @@
 """Tables from run directories: per-round console lines, the communication table, run tables and
-groups of seeds (mean ± std); reads files only (the CLI is `fedsparse.report`).
+groups of seeds (mean ± std); reads files only (the CLI is `fedsparse.report.cli`).
 
 Runs that differ only in their seed form one group, reported as mean ± std over its seeds.
 """
@@ -14,8 +14,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedsparse.config import NEUTRAL_SETTINGS, training_settings
-from fedsparse.metrics import main_metric
-from fedsparse.results import is_finished, read_run
+from fedsparse.data.glue import main_metric
+from fedsparse.report.results import is_finished, read_run
 
 # Where and on what hardware a run ran, beyond what `training_settings` already leaves out: two runs
 # differing only here (or in a key named `seed`) are seeds of one experiment.

@@ -6,7 +6,7 @@ polls, heartbeats, the FAB download and, with TLS, record framing and handshakes
 SuperNodes at the relay (`--superlink 127.0.0.1:<relay.port>`) and it counts every byte in each
 direction; TLS passes through untouched, so the same relay measures encrypted traffic.
 
-    python -m fedsparse.relay 9093 127.0.0.1:9092   # prints the totals on Ctrl-C
+    python -m fedsparse.deploy.relay 9093 127.0.0.1:9092   # prints the totals on Ctrl-C
 """
 
 from __future__ import annotations

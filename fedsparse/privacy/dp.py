@@ -47,9 +47,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
 from omegaconf import DictConfig
 
-from fedsparse.protocol import METRICS_KEY
-from fedsparse.secagg import SecAggRunner, secagg_mod
-from fedsparse.strategy import PackedStrategy
+from fedsparse.federation.protocol import METRICS_KEY
+from fedsparse.federation.strategy import PackedStrategy
+from fedsparse.privacy.secagg import SecAggRunner, secagg_mod
 
 DP_MODES = ("none", "server", "client", "local")
 CENTRAL = ("server", "client")
@@ -207,15 +207,25 @@ class ClientSideDp(_PackedDp, DifferentialPrivacyClientSideFixedClipping):
     """Central DP, each client clips its own update (`fixedclipping_mod`); the server verifies."""
 
 
-def wrap(strategy: PackedStrategy, cfg: DictConfig, noise: np.random.Generator):
+def wrap(
+    strategy: PackedStrategy,
+    cfg: DictConfig,
+    noise: np.random.Generator,
+    secagg_max_weight: float | None = None,
+):
     """What runs the rounds: the packed strategy, a DP wrapper around it, or the SecAgg+ runner.
     All have `start(grid, initial_arrays, num_rounds, train_config, evaluate_fn)`. `noise`: the
-    run's secret generator of central DP noise (`fedsparse.run`)."""
+    run's secret generator of central DP noise (`fedsparse.run`); `secagg_max_weight`: SecAgg+'s
+    bound on a client's num-examples (`privacy.secagg_max_weight`, else the largest shard)."""
     p = cfg.get("privacy")
     if p is None:
         return strategy
     if p.secagg:
-        return SecAggRunner(strategy, cfg)
+        if secagg_max_weight is None:
+            raise ValueError(
+                "SecAgg+ needs secagg_max_weight: privacy.secagg_max_weight or the largest shard"
+            )
+        return SecAggRunner(strategy, cfg, secagg_max_weight)
     if p.dp not in CENTRAL:
         return strategy
     cls = ServerSideDp if p.dp == "server" else ClientSideDp

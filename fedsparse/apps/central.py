@@ -6,11 +6,11 @@ import time
 
 from omegaconf import DictConfig
 
-from fedsparse.data import TASKS, dev_split, train_split
+from fedsparse.data.glue import TASKS, dev_split, train_split
 from fedsparse.methods import build_method
-from fedsparse.model import load_model, load_tokenizer
-from fedsparse.results import RunWriter
-from fedsparse.train import evaluate, make_loader, train
+from fedsparse.methods.model import load_model, load_tokenizer
+from fedsparse.report.results import RunWriter
+from fedsparse.training.train import evaluate, make_loader, train
 
 
 def run_central(cfg: DictConfig) -> dict:

@@ -7,16 +7,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedsparse import privacy
-from fedsparse.accounting import CommLedger, full_model_bytes
-from fedsparse.data import TASKS, describe_shards, dev_split
+from fedsparse.apps.recorder import RoundRecorder
+from fedsparse.data.glue import TASKS, describe_shards, dev_split, largest_shard
+from fedsparse.federation.accounting import CommLedger, full_model_bytes
+from fedsparse.federation.sampling import ClientSampler
+from fedsparse.federation.strategy import STRATEGIES, PackedStrategy
 from fedsparse.methods import Method, build_method
-from fedsparse.model import load_model, load_tokenizer
-from fedsparse.recorder import RoundRecorder
+from fedsparse.methods.model import load_model, load_tokenizer
+from fedsparse.privacy import dp
 from fedsparse.run import NOISE, Run, prepare_from_run_config
-from fedsparse.sampling import ClientSampler
-from fedsparse.strategy import STRATEGIES, PackedStrategy
-from fedsparse.train import make_loader
+from fedsparse.training.train import make_loader
 
 
 def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> PackedStrategy:
@@ -63,7 +63,9 @@ def run_server(grid: Grid, run: Run) -> dict:
     )
     strategy = make_strategy(cfg, method, CommLedger(method.head_size))
     # the strategy itself unless DP or SecAgg+ is on
-    runner = privacy.wrap(strategy, cfg, run.generators[NOISE])
+    p = cfg.privacy
+    max_weight = float(p.secagg_max_weight or largest_shard(cfg)) if p.secagg else None
+    runner = dp.wrap(strategy, cfg, run.generators[NOISE], max_weight)
     run.restore(strategy, runner)
     recorder = RoundRecorder(
         run,
@@ -71,7 +73,7 @@ def run_server(grid: Grid, run: Run) -> dict:
         strategy,
         dev_loader,
         full_model_bytes(sum(p.numel() for p in model.parameters())),
-        extra_fields=lambda server_round: privacy.round_record(cfg, runner, server_round),
+        extra_fields=lambda server_round: dp.round_record(cfg, runner, server_round),
     )
     fed = cfg.federation
     print(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from fedsparse.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS, WEIGHT_KEY
+from fedsparse.federation.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS, WEIGHT_KEY
 
 if TYPE_CHECKING:
     from fedsparse.methods import Method

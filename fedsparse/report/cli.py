@@ -9,11 +9,10 @@ Runs that differ only in their seed form one group, reported as mean ± std over
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from fedsparse.readme_blocks import DEFAULT_TARGETS, experiment_tables, plot_groups, update_readme
-from fedsparse.tables import group_runs, load_runs, run_table, split_run_dirs
+from fedsparse.report.readme_blocks import DEFAULT_TARGETS, experiment_tables, plot_groups, update_readme
+from fedsparse.report.tables import group_runs, load_runs, run_table, split_run_dirs
 
 
 def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
@@ -57,7 +56,3 @@ def main(argv: list[str] | None = None) -> int:
     for path in plot_groups(groups, args.out or runs[0]["dir"]) if runs else []:
         print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Deployment helpers: the Docker Compose generator (`python -m fedsparse.deploy`) and the byte-counting TCP relay."""

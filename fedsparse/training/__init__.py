@@ -1,0 +1,1 @@
+"""Local training and evaluation of a method's model, and the GLUE metrics."""
