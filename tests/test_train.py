@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedsparse.training.train import LengthGroupedBatches
+from fedsparse.training.train import LengthGroupedBatches, client_seed
 
 
 def _lengths(n: int = 1000) -> list[int]:
@@ -38,3 +38,10 @@ def test_without_a_generator_batches_are_sorted_by_length():
     lengths = _lengths(100)
     order = [i for b in LengthGroupedBatches(lengths, 8, None) for i in b]
     assert [lengths[i] for i in order] == sorted(lengths)
+
+
+def test_client_seeds_keep_the_committed_formula_and_never_collide():
+    """Below 1,009 partitions the committed runs' seeds; beyond, no two (round, partition) share one."""
+    assert client_seed(3, 2, 5) == 3 * 1_000_003 + 2 * 1_009 + 5
+    seeds = {client_seed(0, r, p) for r in range(1, 4) for p in range(3000)}
+    assert len(seeds) == 3 * 3000  # the old formula gave 3 * 3000 - 2 * 1991 distinct seeds here

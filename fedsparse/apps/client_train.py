@@ -27,7 +27,7 @@ from fedsparse.federation import faults
 from fedsparse.federation.protocol import INFO_KEY, METRICS_KEY
 from fedsparse.methods import Method, build_method
 from fedsparse.methods.model import load_model, load_tokenizer
-from fedsparse.training.train import encode, encoded_loader, evaluate, train
+from fedsparse.training.train import client_seed, encode, encoded_loader, evaluate, train
 
 
 @functools.lru_cache(maxsize=1)
@@ -153,11 +153,7 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
     faults.maybe_fail(cfg, int(config["server-round"]), int(context.node_config["partition-id"]))
     loader = client_shard(cfg, context.node_config, int(config["batch-size"]))
     start = time.time()
-    seed = (
-        int(cfg.seed) * 1_000_003
-        + int(config["server-round"]) * 1_009
-        + int(context.node_config["partition-id"])
-    )
+    seed = client_seed(int(cfg.seed), int(config["server-round"]), int(context.node_config["partition-id"]))
     loss = train(
         method,
         loader,

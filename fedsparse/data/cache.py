@@ -19,11 +19,12 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from fedsparse.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 VERSION = 1  # bump when what an entry holds, or how it is computed, changes
@@ -89,17 +90,13 @@ def save(entry: str, arrays: Arrays) -> None:
     root = cache_dir()
     if root is None:
         return
-    tmp = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{entry}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **{CHECKSUM: np.array(checksum(arrays))})
-        os.replace(tmp, root / f"{entry}.npz")
+        write_atomic(
+            root / f"{entry}.npz", lambda f: np.savez(f, **arrays, **{CHECKSUM: np.array(checksum(arrays))})
+        )
     except OSError as err:
         log.warning("fedsparse cache: could not write %s (%s)", entry, err)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def cached(entry: str, compute: Callable[[], Arrays], valid: Callable[[Arrays], bool]) -> Arrays:

@@ -15,11 +15,12 @@ uninterrupted run would have. Because of the DP noise state, a checkpoint is a s
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fedsparse.atomic import write_atomic
 
 FILE = "checkpoint.npz"
 STATE_PREFIX = "state."
@@ -37,7 +38,6 @@ class Checkpoint:
 
 def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
     path = Path(run_dir) / FILE
-    tmp = path.with_name(FILE + ".tmp")
     meta = {
         "schema_version": SCHEMA_VERSION,
         "round": checkpoint.round,
@@ -46,12 +46,9 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
     }
     meta = json.dumps(meta).encode()
     arrays = {f"{STATE_PREFIX}{k}": v for k, v in checkpoint.strategy_state.items()}
-    with tmp.open("wb") as f:
-        np.savez(f, values=checkpoint.values, meta=np.frombuffer(meta, np.uint8), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
+    return write_atomic(
+        path, lambda f: np.savez(f, values=checkpoint.values, meta=np.frombuffer(meta, np.uint8), **arrays)
+    )
 
 
 def load(run_dir: Path) -> Checkpoint:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedsparse.atomic import write_text_atomic
 from fedsparse.config import run_dir, training_settings
 
 
@@ -26,8 +27,8 @@ class RunWriter:
             self.dir.mkdir(parents=True, exist_ok=True)
             resumed_history = []
         # a resumed run's config as it continues: upgraded to today's layout, rounds as extended
-        _write_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg))
-        _write_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in resumed_history))
+        write_text_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        write_text_atomic(self.rounds_path, "".join(json.dumps(r) + "\n" for r in resumed_history))
 
     def add_round(self, record: dict) -> None:
         with self.rounds_path.open("a") as f:
@@ -35,7 +36,7 @@ class RunWriter:
 
     def write_summary(self, summary: dict) -> Path:
         path = self.dir / "summary.json"
-        _write_atomic(path, json.dumps(summary, indent=2))
+        write_text_atomic(path, json.dumps(summary, indent=2))
         return path
 
 
@@ -47,13 +48,6 @@ def refuse_existing_run(cfg: DictConfig) -> None:
             f"{path} already holds a run. Continue it with resume={path}, or choose another "
             "run_name (or output_dir)."
         )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Never leave a half-written file behind: write a sibling, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def is_finished(path: str | Path) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
+from tabulate import tabulate
 
 from fedsparse.config import NEUTRAL_SETTINGS, training_settings
 from fedsparse.data.glue import main_metric
@@ -53,10 +54,8 @@ def format_round(record: dict, total_rounds: int, metric: str) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
-    return "\n".join(lines + [fmt.format(*map(str, r)) for r in rows])
+    """A console table, every column right-aligned (numbers with units read best that way)."""
+    return tabulate(rows, header, tablefmt="simple", stralign="right", disable_numparse=True)
 
 
 def format_comm_table(history: list[dict]) -> str:

@@ -51,6 +51,22 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
+LEGACY_PARTITIONS = 1_009  # below this, client seeds keep the formula the committed results used
+
+
+def client_seed(seed: int, server_round: int, partition: int) -> int:
+    """The seed of one client's local training in one round (data order, dropout).
+
+    Below 1,009 partitions it is the formula the committed results were computed with,
+    `seed * 1_000_003 + round * 1_009 + partition`, which is unique there; from partition 1,009
+    on that formula would give two clients one seed (partition p + 1,009 in round r is p in round
+    r + 1), so larger federations draw it from a `SeedSequence` over (seed, round, partition)."""
+    if 0 <= partition < LEGACY_PARTITIONS:
+        return seed * 1_000_003 + server_round * LEGACY_PARTITIONS + partition
+    state = np.random.SeedSequence([seed, server_round, partition]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))  # 63 bits: any torch or numpy seed accepts it
+
+
 def make_loader(
     dataset: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
