@@ -127,6 +127,19 @@ def test_a_gpu_share_without_a_gpu_is_refused_before_ray_starts(monkeypatch):
     cfg.federation.ray_address = "127.0.0.1:6379"  # a cluster's GPUs are the cluster's business
     assert client_gpu_problem(cfg) is None
     assert client_gpu_problem(compose_config([])) is None
+    wasted = compose_config(["federation.client_gpus=0.5", "train.device=cpu"])
+    assert "the GPU share would go unused" in client_gpu_problem(wasted)
+
+
+def test_a_resumed_run_may_change_where_it_computes_but_not_its_precision():
+    from fedsparse.run import _apply_resume_overrides
+
+    cfg = compose_config([])
+    cfg.resume = "outputs/some-run"
+    moved = _apply_resume_overrides(cfg.copy(), ["train.device=cpu", "federation.client_gpus=0.5"])
+    assert moved.train.device == "cpu" and moved.federation.client_gpus == 0.5
+    with pytest.raises(ConfigError, match=r"train\.precision=bf16 \(the run has fp32\)"):
+        _apply_resume_overrides(cfg.copy(), ["train.precision=bf16"])
 
 
 # --- what a run computes ----------------------------------------------------------------------------
