@@ -12,6 +12,9 @@ GPU machine has torch, transformers, peft, omegaconf):
 
     python experiments/gpu_check.py                      # cuda vs cpu, MiniLM shape, batch 16 and 64
     python experiments/gpu_check.py --device cpu --tiny  # a smoke test anywhere
+    python experiments/gpu_check.py --out $OUT/gpu_check  # on a lent device machine (files come back)
+
+Not yet run on a GPU: no timing or tolerance in this repository comes from it so far.
 
 Writes experiments/results/gpu_check/<card>.md and .json (card, torch and CUDA versions).
 """
@@ -32,7 +35,7 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification
 
 from fedsparse.methods import build_method
-from fedsparse.methods.device import autocast, resolve_device
+from fedsparse.methods.device import autocast, precision_problem, resolve_device
 from fedsparse.methods.model import bundled_minilm_path, tiny_bert_config
 from fedsparse.training.train import to_device, train
 
@@ -172,9 +175,10 @@ def main() -> None:
             row[f"s_per_step_b{size}_{device.type}"] = step_seconds(
                 dev, data, args.steps, args.repeats, "fp32"
             )
-            row[f"s_per_step_b{size}_{device.type}_bf16"] = step_seconds(
-                dev, data, args.steps, args.repeats, "bf16"
-            )
+            if precision_problem("bf16", device) is None:  # a GPU without bfloat16 gets no bf16 column
+                row[f"s_per_step_b{size}_{device.type}_bf16"] = step_seconds(
+                    dev, data, args.steps, args.repeats, "bf16"
+                )
             if device.type != "cpu":
                 row[f"s_per_step_b{size}_cpu"] = step_seconds(host, data, args.steps, args.repeats, "fp32")
         rows.append(row)
