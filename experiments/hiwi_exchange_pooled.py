@@ -17,6 +17,7 @@ from common import write_result
 
 from fedsparse.data.glue import dev_split, train_split
 from fedsparse.methods import build_method
+from fedsparse.methods.device import resolve_device
 from fedsparse.methods.model import load_model, load_tokenizer
 from fedsparse.run import compose_config
 from fedsparse.training.train import evaluate, make_loader, train
@@ -26,7 +27,7 @@ def rounds(exchange: str, lr: float, n_rounds: int = 8, steps: int = 10) -> list
     overrides = ["method=hiwi", f"method.exchange={exchange}", "data.max_train_examples=4000"]
     cfg = compose_config([*overrides, "data.max_eval_examples=256"])
     tokenizer = load_tokenizer(cfg.model.name)
-    method = build_method(load_model(cfg.model.name, 2, 0), cfg.method)
+    method = build_method(load_model(cfg.model.name, 2, 0), cfg.method).to(resolve_device(cfg.train.device))
     train_loader = make_loader(train_split(cfg), tokenizer, 64, 16, shuffle=True, seed=0)
     dev_loader = make_loader(dev_split(cfg), tokenizer, 64, 64, shuffle=False)
     lines = []

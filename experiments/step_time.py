@@ -32,6 +32,8 @@ STEPS, REPEATS = 10, 3
 
 
 def seconds_per_step(overrides: list[str], loader) -> float:
+    """On the CPU whatever train.device says (its table is a 1-thread CPU measurement; a GPU's
+    is experiments/gpu_check.py's)."""
     cfg = compose_config(overrides)
     method = build_method(load_model(cfg.model.name, 2, 0), cfg.method)
     train(method, loader, cfg.train.lr, steps=2)  # warm-up

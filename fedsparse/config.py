@@ -27,8 +27,11 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # before they existed: `training_settings` leaves them out at that value.
 NEUTRAL_SETTINGS = {
     "federation": {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"},
-    "train": {"head_lr_scale": 1.0},
+    "train": {"head_lr_scale": 1.0, "precision": "fp32"},
 }
+# Where a run computes, not what: left out of its training settings (a run resumed or rerun on
+# another device keeps its name; docs/configuration.md, Devices, says what stays bit-identical).
+DEVICE_KEYS = {"train": ("device",), "federation": ("client_gpus",)}
 # Each method's `lr` default when the first results were saved (see `training_settings`).
 SAVED_METHOD_LR = {"pafi": 2e-2, "hiwi": 3e-3, "lora": 1e-3, "bitfit": 1e-3, "full": 5e-5, "topk": 5e-5}
 RUN_CONFIG_KEY = "overrides"
@@ -103,6 +106,9 @@ def training_settings(cfg: DictConfig) -> dict:
     federation.pop("round_timeout", None)  # only drops late replies
     if federation["strategy"] != "fedprox":
         federation.pop("proximal_mu", None)  # read by fedprox only
+    for section, keys in DEVICE_KEYS.items():
+        for key in keys:
+            settings[section].pop(key, None)
     for section, neutrals in NEUTRAL_SETTINGS.items():
         for key, neutral in neutrals.items():
             if settings[section].get(key, neutral) == neutral:

@@ -35,6 +35,7 @@ from fedsparse.federation import checkpoint
 from fedsparse.federation.faults import FAIL_MODES
 from fedsparse.federation.strategy import STRATEGIES
 from fedsparse.methods import METHODS
+from fedsparse.methods.device import device_problem, precision_problem
 from fedsparse.privacy.dp import config_problems
 from fedsparse.report.results import already_finished, is_finished
 
@@ -43,7 +44,16 @@ CONFIG_SCHEMA_VERSION = (
 )
 MODES = ("federated", "central")
 # What a resumed run may change: how long it runs and waits, and whether it saves the model.
-RESUMABLE = ("federation.rounds", "federation.round_timeout", "federation.wait_timeout", "save_model")
+# Where it computes (train.device, federation.client_gpus) may change too: the messages do not
+# depend on it (docs/configuration.md, Devices, says what does).
+RESUMABLE = (
+    "federation.rounds",
+    "federation.round_timeout",
+    "federation.wait_timeout",
+    "save_model",
+    "train.device",
+    "federation.client_gpus",
+)
 # Decided by resume=DIR itself (the run's directory), or only a default of another key:
 # `method.lr` is what `train.lr` copies, and `train.lr` is compared.
 NOT_COMPARED = ("resume", "run_name", "output_dir", "method.lr")
@@ -102,7 +112,24 @@ def problems(cfg: DictConfig) -> list[str]:
             "(e.g. train.local_steps=null train.local_epochs=1)",
         ),
     ]
-    return [message for ok, message in checks if not ok] + config_problems(cfg)
+    return [message for ok, message in checks if not ok] + device_problems(cfg) + config_problems(cfg)
+
+
+def device_problems(cfg: DictConfig) -> list[str]:
+    """`train.device` (checked against the GPUs this process sees: the server's, or a simulation's;
+    a deployed client checks its own when it resolves the device), `train.precision` and
+    `federation.client_gpus`. Configs saved before these keys existed run on their defaults."""
+    train, fed = cfg.train, cfg.federation
+    found = [
+        device_problem(train.get("device", "auto")),
+        precision_problem(train.get("precision", "fp32")),
+    ]
+    gpus = fed.get("client_gpus", 0)
+    if not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or gpus < 0:
+        found.append(
+            f"federation.client_gpus={gpus}: must be a number >= 0 (a GPU fraction per client actor)"
+        )
+    return [p for p in found if p]
 
 
 def validate(cfg: DictConfig) -> DictConfig:

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from fedsparse.data.glue import TASKS, dev_split, train_split
 from fedsparse.methods import build_method
+from fedsparse.methods.device import resolve_device
 from fedsparse.methods.model import load_model, load_tokenizer
 from fedsparse.report.results import RunWriter
 from fedsparse.training.train import evaluate, make_loader, train
@@ -17,6 +18,8 @@ def run_central(cfg: DictConfig) -> dict:
     spec = TASKS[cfg.task.name]
     tokenizer = load_tokenizer(cfg.model.name)
     method = build_method(load_model(cfg.model.name, spec.num_labels, cfg.seed), cfg.method)
+    method.to(resolve_device(cfg.train.get("device", "auto")))
+    precision = str(cfg.train.get("precision", "fp32"))
     train_set = train_split(cfg)
     train_loader = make_loader(
         train_set, tokenizer, cfg.data.max_length, cfg.train.batch_size, shuffle=True, seed=cfg.seed
@@ -41,9 +44,10 @@ def run_central(cfg: DictConfig) -> dict:
         progress=True,
         description=f"{cfg.method.name}/{cfg.task.name}",
         head_lr_scale=float(cfg.train.head_lr_scale),
+        precision=precision,
     )
     train_seconds = time.time() - start
-    metrics = evaluate(method.model, dev_loader, cfg.task.name)
+    metrics = evaluate(method.model, dev_loader, cfg.task.name, precision)
     summary = {
         "mode": "central",
         "method": cfg.method.name,

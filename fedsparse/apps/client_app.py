@@ -17,8 +17,9 @@ from fedsparse.privacy import dp
 
 
 def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
-    """A ClientApp bound to `cfg` (simulation: the server's own config), or composing it from the
-    run config (deployment)."""
+    """A ClientApp bound to `cfg` (simulation: the server's own config; its clients follow the
+    `federation.client_gpus` rule of `client_train.client_device`), or composing it from the run
+    config (deployment: `train.device` on the SuperNode's own GPUs)."""
     app = ClientApp()
 
     def resolve(context: Context) -> DictConfig:
@@ -28,7 +29,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     def _train(msg: Message, context: Context) -> Message:
         from fedsparse.apps.client_train import handle_train  # torch: only where a message trains
 
-        return handle_train(msg, context, resolve(context))
+        return handle_train(msg, context, resolve(context), simulated=cfg is not None)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
@@ -38,7 +39,7 @@ def make_client_app(cfg: DictConfig | None = None) -> ClientApp:
     def _evaluate(msg: Message, context: Context) -> Message:
         from fedsparse.apps.client_train import handle_evaluate
 
-        return handle_evaluate(msg, context, resolve(context))
+        return handle_evaluate(msg, context, resolve(context), simulated=cfg is not None)
 
     return app
 

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import psutil
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -26,19 +27,42 @@ from fedsparse.data.glue import TASKS, partition, source_file, train_split
 from fedsparse.federation import faults
 from fedsparse.federation.protocol import INFO_KEY, METRICS_KEY
 from fedsparse.methods import Method, build_method
+from fedsparse.methods.device import device_problem, resolve_device
 from fedsparse.methods.model import load_model, load_tokenizer
+from fedsparse.run import ConfigError
 from fedsparse.training.train import client_seed, encode, encoded_loader, evaluate, train
 
 
 @functools.lru_cache(maxsize=1)
-def _method(model_name: str, task: str, seed: int, method_yaml: str) -> Method:
-    """One model per process, whatever the number of clients this process serves."""
+def _method(model_name: str, task: str, seed: int, method_yaml: str, device: str) -> Method:
+    """One model per process, whatever the number of clients this process serves: built on the
+    host (mask and fingerprint are the host's), then moved to `device`."""
     model = load_model(model_name, TASKS[task].num_labels, seed)
-    return build_method(model, OmegaConf.create(method_yaml))
+    return build_method(model, OmegaConf.create(method_yaml)).to(device)
 
 
-def client_method(cfg: DictConfig) -> Method:
-    return _method(cfg.model.name, cfg.task.name, int(cfg.seed), OmegaConf.to_yaml(cfg.method))
+def client_device(cfg: DictConfig, simulated: bool = False) -> torch.device:
+    """Where this client trains: `train.device`, resolved against the GPUs this process sees (a
+    SuperNode's own; a simulated client's Ray actor sees the GPU Ray gave it). A simulated client
+    with `federation.client_gpus=0` has no GPU of its own (Ray leaves every GPU visible to such an
+    actor, see `simulation.set_ray_defaults`), so it trains on the CPU, and `cuda` is refused."""
+    setting = str(cfg.train.get("device", "auto"))
+    if simulated and not cfg.federation.get("client_gpus", 0):
+        if setting.startswith("cuda"):
+            raise ConfigError(
+                f"train.device={setting}: simulated clients get no GPU with federation.client_gpus=0; "
+                "set federation.client_gpus (e.g. 0.25) or train.device=auto|cpu"
+            )
+        return torch.device("cpu")
+    problem = device_problem(setting)
+    if problem:
+        raise ConfigError(f"{problem} (on this client)")
+    return resolve_device(setting)
+
+
+def client_method(cfg: DictConfig, simulated: bool = False) -> Method:
+    device = str(client_device(cfg, simulated))
+    return _method(cfg.model.name, cfg.task.name, int(cfg.seed), OmegaConf.to_yaml(cfg.method), device)
 
 
 def shard_entry(
@@ -146,9 +170,9 @@ def _arrival() -> float:
     return psutil.Process().create_time() if next(_MESSAGES_SERVED) == 0 else time.time()
 
 
-def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
+def handle_train(msg: Message, context: Context, cfg: DictConfig, simulated: bool = False) -> Message:
     arrival = _arrival()
-    method = client_method(cfg)
+    method = client_method(cfg, simulated)
     received, config = _receive(method, msg)
     faults.maybe_fail(cfg, int(config["server-round"]), int(context.node_config["partition-id"]))
     loader = client_shard(cfg, context.node_config, int(config["batch-size"]))
@@ -165,6 +189,7 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # sent by federation.strategy=fedprox
         # absent from the configs of runs saved before it existed (resume=)
         head_lr_scale=float(cfg.train.get("head_lr_scale", 1.0)),
+        precision=str(cfg.train.get("precision", "fp32")),
     )
     wire = method.encode(method.pack(), reference=received)
     metrics = {
@@ -183,13 +208,13 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, cfg: DictConfig) -> Message:
+def handle_evaluate(msg: Message, context: Context, cfg: DictConfig, simulated: bool = False) -> Message:
     """Optional client-side evaluation of the global state on this node's training shard (no
     held-out data on a node), hence the `shard-train-` keys: not a validation metric."""
-    method = client_method(cfg)
+    method = client_method(cfg, simulated)
     _receive(method, msg)
     loader = client_shard(cfg, context.node_config, int(cfg.train.eval_batch_size))
-    metrics = evaluate(method.model, loader, cfg.task.name)
+    metrics = evaluate(method.model, loader, cfg.task.name, str(cfg.train.get("precision", "fp32")))
     record = {f"shard-train-{k}": v for k, v in metrics.items()}
     record["num-examples"] = len(loader.dataset)
     return Message(content=RecordDict({METRICS_KEY: MetricRecord(record)}), reply_to=msg)

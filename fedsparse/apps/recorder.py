@@ -61,7 +61,13 @@ class RoundRecorder:
             return None  # the resumed state, evaluated before the interruption
         values = self.last_values = arrays["values"].numpy()
         self.method.unpack(values)
-        metrics = evaluate(self.method.model, self.dev_loader, self.cfg.task.name)
+        # on the method's device (train.device); the vector itself stays float32 on the host
+        metrics = evaluate(
+            self.method.model,
+            self.dev_loader,
+            self.cfg.task.name,
+            str(self.cfg.train.get("precision", "fp32")),
+        )
         comm = self.strategy.ledger.summary(server_round)
         s = self.strategy
         record = {
@@ -147,6 +153,7 @@ class RoundRecorder:
     def save_model(self) -> Path:
         """The final global state merged into a stock model with its tokenizer: loadable with
         `AutoModelForSequenceClassification.from_pretrained(<run dir>/model)`, no fedsparse."""
+        self.method.to("cpu")  # a stock model on the host, whatever evaluated
         self.method.unpack(self.last_values)
         path = self.dir / MODEL_DIR
         self.method.merge().save_pretrained(path)

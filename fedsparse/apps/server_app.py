@@ -13,6 +13,7 @@ from fedsparse.federation.accounting import CommLedger, full_model_bytes
 from fedsparse.federation.sampling import ClientSampler
 from fedsparse.federation.strategy import STRATEGIES, PackedStrategy
 from fedsparse.methods import Method, build_method
+from fedsparse.methods.device import resolve_device
 from fedsparse.methods.model import load_model, load_tokenizer
 from fedsparse.privacy import dp
 from fedsparse.run import NOISE, Run, prepare_from_run_config
@@ -53,7 +54,9 @@ def run_server(grid: Grid, run: Run) -> dict:
     cfg = run.cfg
     task = cfg.task.name
     model = load_model(cfg.model.name, TASKS[task].num_labels, cfg.seed)
+    # built on the host (mask, fingerprint), evaluated on train.device
     method = build_method(model, cfg.method)
+    method.to(resolve_device(cfg.train.get("device", "auto")))
     dev_loader = make_loader(
         dev_split(cfg),
         load_tokenizer(cfg.model.name),

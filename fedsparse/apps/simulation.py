@@ -16,7 +16,7 @@ from fedsparse.apps.server_app import make_server_app
 from fedsparse.config import run_dir
 from fedsparse.data.glue import describe_shards
 from fedsparse.report.results import is_finished, progress, refuse_existing_run
-from fedsparse.run import Run, new_run
+from fedsparse.run import ConfigError, Run, new_run
 
 # Flower warnings about what fedsparse does on purpose, which tell a user nothing: left out of a
 # simulation's console unless it is verbose (`quiet_flower`).
@@ -34,7 +34,8 @@ class _QuietFlower(logging.Filter):
 
 
 def backend_config(cfg: DictConfig) -> dict:
-    """Ray settings: one actor per `client_cpus` cores, on a Ray instance of the run's own or
+    """Ray settings: one actor per `client_cpus` cores and `client_gpus` of a GPU (Ray's
+    `num_gpus`: 0.25 puts four actors on each GPU), on a Ray instance of the run's own or
     attached to `federation.ray_address` (else Ray's own `RAY_ADDRESS`, where it is set: a
     cluster refuses a driver that also asks for `num_cpus`)."""
     fed = cfg.federation
@@ -44,7 +45,31 @@ def backend_config(cfg: DictConfig) -> dict:
         if address
         else {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
     )
-    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    resources = {"num_cpus": fed.client_cpus, "num_gpus": float(fed.get("client_gpus", 0) or 0.0)}
+    return {"client_resources": resources, "init_args": init_args}
+
+
+def client_gpu_problem(cfg: DictConfig) -> str | None:
+    """Why the simulated clients cannot have the device `train.device` asks for, or None. With
+    `client_gpus=0` they train on the CPU (`client_train.client_device`), so `cuda` is refused;
+    with `client_gpus>0` a Ray instance of the run's own needs a GPU to share."""
+    device, gpus = str(cfg.train.get("device", "auto")), cfg.federation.get("client_gpus", 0) or 0
+    if not gpus and device.startswith("cuda"):
+        return (
+            f"train.device={device}: simulated clients get no GPU with federation.client_gpus=0; "
+            "set federation.client_gpus (e.g. 0.25) or train.device=auto|cpu"
+        )
+    if gpus and device == "cpu":
+        return f"federation.client_gpus={gpus} with train.device=cpu: the GPU share would go unused; set one of them"
+    if gpus and not (cfg.federation.ray_address or os.environ.get("RAY_ADDRESS")):
+        import torch  # only here: this module is imported where torch is not needed
+
+        if not torch.cuda.is_available():
+            return (
+                f"federation.client_gpus={gpus}: no GPU is visible to this process for Ray to share "
+                "(the actors would never start); set federation.client_gpus=0"
+            )
+    return None
 
 
 @contextlib.contextmanager
@@ -83,8 +108,13 @@ def quiet_flower(verbose: bool) -> Iterator[None]:
 def set_ray_defaults() -> None:
     """Ray settings, where not set already, for the Ray instance started next (its workers
     inherit them). Ray starts workers at nice 15: beside any other busy process on the machine
-    the clients would get a small share of the CPU and the run would crawl."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only: keep Ray quiet
+    the clients would get a small share of the CPU and the run would crawl.
+
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 keeps Ray quiet, and leaves every GPU visible to an actor
+    given 0 GPUs: which is why a simulated client with `federation.client_gpus=0` trains on the CPU
+    by rule (`client_train.client_device`), not by what it sees. An actor given a GPU share sees
+    only its GPU (Ray sets its CUDA_VISIBLE_DEVICES)."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")
 
 
@@ -93,6 +123,9 @@ def run_simulation(run: Run | DictConfig, verbose: bool = False) -> Path:
     run = run if isinstance(run, Run) else new_run(run)
     cfg = run.cfg
     refuse_existing_run(cfg)  # before anything is written or started
+    problem = client_gpu_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     describe_shards(cfg, run_dir(cfg))
     set_ray_defaults()
     # Ray's workers inherit this environment: each actor computes on its own cores only, where

@@ -78,6 +78,18 @@ class Method:
         digest.update(json.dumps(shared, sort_keys=True).encode())
         return digest.hexdigest()
 
+    # --- where it computes ---------------------------------------------------------------
+    def to(self, device: torch.device | str) -> Method:
+        """Move the model and everything trained (in place: the trained tensors stay the same
+        objects) to `device`. Build the method first, on the CPU: the mask and the fingerprint are
+        the host's, whatever the device."""
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
     # --- the packed vector ------------------------------------------------------------
     @property
     def head_size(self) -> int:
@@ -93,7 +105,8 @@ class Method:
 
     @torch.no_grad()
     def pack(self) -> np.ndarray:
-        return torch.cat([t.detach().reshape(-1).float() for t in self.state_tensors()]).numpy()
+        # float32 on the host, whatever the device: the same bytes from a CPU and a GPU node
+        return torch.cat([t.detach().reshape(-1).float().cpu() for t in self.state_tensors()]).numpy()
 
     @torch.no_grad()
     def unpack(self, vector: np.ndarray) -> None:
@@ -106,7 +119,7 @@ class Method:
             )
         offset = 0
         flat = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
-        for t in tensors:
+        for t in tensors:  # copy_ moves each slice to the tensor's device
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 

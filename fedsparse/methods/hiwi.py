@@ -90,6 +90,11 @@ class HiWi(Method):
             parametrize.register_parametrization(module, attr, adapter)
             self.adapters.append(adapter)
 
+    def to(self, device: torch.device | str) -> HiWi:
+        super().to(device)
+        self.pretrained = [p0.to(device) for p0 in self.pretrained]
+        return self
+
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(int(self.cfg.seed))
 
@@ -109,7 +114,7 @@ class HiWi(Method):
         if self.cfg.exchange == "factors":
             return super().pack()
         deltas = [getattr(m, a) - p0 for (_, m, a), p0 in zip(self.sites, self.pretrained)]
-        return torch.cat([t.reshape(-1) for t in deltas + [h.detach() for h in self.head]]).numpy()
+        return torch.cat([t.reshape(-1).cpu() for t in deltas + [h.detach() for h in self.head]]).numpy()
 
     @torch.no_grad()
     def unpack(self, vector: np.ndarray) -> None:

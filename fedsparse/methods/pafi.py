@@ -229,18 +229,32 @@ class SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, values, sparse: SparseValues, kernel: str):
         effective = weight.reshape(-1).index_put((sparse.index,), values).view_as(weight)
-        ctx.save_for_backward(x, effective)
+        # Under autocast (train.precision=bf16) the product runs in the autocast dtype, as
+        # F.linear's would; inside a custom Function the casts are explicit, so that the
+        # backward's products meet operands of one dtype ("expected m1 and m2 to have the same
+        # dtype" otherwise). The gradients of the trained values are accumulated in float32.
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xc, wc = x.to(dtype), effective.to(dtype)
+            out = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, wc)
         ctx.sparse, ctx.kernel = sparse, kernel
+        ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, effective, bias)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, effective = ctx.saved_tensors
         sparse = ctx.sparse
-        grad_x = grad_out @ effective if ctx.needs_input_grad[0] else None
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
-        xs = x.reshape(-1, x.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out.to(effective.dtype) @ effective).to(ctx.x_dtype)
+        values_dtype = sparse.values.dtype  # float32: the trained state's dtype
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(values_dtype)
+        xs = x.reshape(-1, x.shape[-1]).to(values_dtype)
         grad_bias = dy.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         if ctx.kernel == "sddmm":
             pattern = torch.sparse_csr_tensor(

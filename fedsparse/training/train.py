@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsparse.methods import Method
+from fedsparse.methods.device import autocast, model_device, seeded
 from fedsparse.training.metrics import compute_metrics
 
 if TYPE_CHECKING:
@@ -136,6 +137,7 @@ def train(
     description: str = "train",
     proximal_mu: float = 0.0,
     head_lr_scale: float = 1.0,
+    precision: str = "fp32",
 ) -> float:
     """Run local optimisation on the method's trainable tensors only; returns the mean loss.
 
@@ -149,14 +151,27 @@ def train(
     global state). The returned loss is the data loss alone, comparable across strategies.
     `head_lr_scale` multiplies the lr of the classification head, the one freshly initialised
     layer, which may want another rate than the pre-trained values around it.
+
+    Training runs where the method's model is (`Method.to`, `train.device`): each batch moves
+    there, and `precision="bf16"` runs the forward under bfloat16 autocast (the trained tensors
+    and the optimiser state stay float32). Dropout draws from the device's generator, so the same
+    seed gives another batch of dropout masks on a GPU than on the CPU.
     """
     if steps is None:
         steps = max(1, math.ceil((epochs or 1) * len(loader)))
     loader.generator.manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed, model_device(method.model)):
         return _optimise(
-            method, loader, lr, steps, weight_decay, progress, description, proximal_mu, head_lr_scale
+            method,
+            loader,
+            lr,
+            steps,
+            weight_decay,
+            progress,
+            description,
+            proximal_mu,
+            head_lr_scale,
+            precision,
         )
 
 
@@ -170,8 +185,10 @@ def _optimise(
     description: str,
     proximal_mu: float,
     head_lr_scale: float,
+    precision: str,
 ) -> float:
     model = method.model
+    device = model_device(model)
     params = list(method.parameters())
     groups: list = params
     if head_lr_scale != 1.0:
@@ -186,7 +203,8 @@ def _optimise(
     total = 0.0
     bar = tqdm(_batches(loader, steps), total=steps, desc=description, disable=not progress, leave=False)
     for step, batch in enumerate(bar, 1):
-        loss = model(**batch).loss
+        with autocast(device, precision):
+            loss = model(**to_device(batch, device)).loss
         loss.backward()
         for param, anchor in zip(params, anchors):  # d/dw of mu/2 ||w - anchor||^2, no extra graph
             param.grad.add_(param.detach() - anchor, alpha=proximal_mu)
@@ -199,15 +217,26 @@ def _optimise(
     return total / steps
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device` (the loader builds them on the host)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
-def evaluate(model: PreTrainedModel, loader: DataLoader, task: str) -> dict[str, float]:
-    """GLUE metrics of `model` on `loader` plus the mean loss."""
+def evaluate(
+    model: PreTrainedModel, loader: DataLoader, task: str, precision: str = "fp32"
+) -> dict[str, float]:
+    """GLUE metrics of `model` on `loader` plus the mean loss, computed where the model is."""
     model.eval()
+    device = model_device(model)
     predictions, labels, losses = [], [], []
     for batch in loader:
-        out = model(**batch)
+        with autocast(device, precision):
+            out = model(**to_device(batch, device))
         losses.append(out.loss.item() * len(batch["labels"]))
-        logits = out.logits
+        logits = out.logits.float().cpu()
         predictions.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
         labels.append(batch["labels"])
     y_pred = torch.cat(predictions).numpy()
