@@ -341,3 +341,30 @@ def test_reply_bytes_follow_the_formula(app_identity, store_dir, bits):
         entry = ledger.rounds[1][0]
         assert entry["values"] + entry["head"] == compression.payload_bytes(n, bits, block)
     print(f"{bits:>2} bits: {n:,} values, reply {measured:,} bytes ({framing} of framing)")
+
+
+def test_central_dp_clips_and_noises_the_decompressed_updates(app_identity):
+    """privacy.dp=server: the norms are those of the dequantised updates, each clipped after
+    decompression, and the unweighted mean of the clipped dequantised updates is released."""
+    from fedsparse.privacy.dp import ServerSideDp
+
+    strategy = _server(bits=8, block=64)
+    g, n, clip = strategy.global_values, strategy.global_values.size, 0.5
+    rng = np.random.default_rng(5)
+    updates = [u / np.linalg.norm(u) * s * clip for u, s in zip(rng.standard_normal((3, n)), (0.5, 2, 5))]
+    wires = [
+        compression.encode(u.astype(np.float32), 8, 64, compression.rounding_rng(0, 1, i))
+        for i, u in enumerate(updates)
+    ]
+    dp = ServerSideDp(strategy, 0.0, clip, 3)
+    dp._setup(population=3, delta=1e-5, noise=np.random.default_rng(0))
+    arrays, _ = dp.aggregate_train(
+        1, [_compressed_reply(strategy, w, 10 * (i + 1)) for i, w in enumerate(wires)]
+    )
+    dequantised = [(g + compression.decode(w, n)).astype(np.float64) - g for w in wires]
+    np.testing.assert_allclose(
+        dp.rounds[1]["update_norms"], [np.linalg.norm(d) for d in dequantised], rtol=1e-6
+    )
+    clipped = np.mean([d * min(1.0, clip / np.linalg.norm(d)) for d in dequantised], axis=0)
+    np.testing.assert_allclose(arrays["values"].numpy() - g, clipped, atol=1e-6)
+    assert dp.rounds[1]["released"] and dp.rounds[1]["over_norm"] == 2 and strategy.accepted[1] == 3
