@@ -86,6 +86,10 @@ def uplink(
     if c is None or not c.enabled:
         return method.encode(local, reference=received)
     server_round = int(config["server-round"])
+    if c.error_feedback and RUN_KEY not in config:
+        raise RuntimeError(
+            f"compression.error_feedback: the train config lacks '{RUN_KEY}' (a server without compression?)"
+        )
     store = ResidualStore(str(config[RUN_KEY]), partition) if c.error_feedback else None
     residual = store.load(server_round) if store else None
     target = local if residual is None else local + residual
