@@ -122,6 +122,8 @@ def training_settings(cfg: DictConfig) -> dict:
         # and the name) is the rate that trains; the defaults were raised to the rates the methods
         # suite chose, so the digest keeps the default the first results were saved with
         settings["method"]["lr"] = SAVED_METHOD_LR[settings["method"]["name"]]
+    if not settings.get("compression", {}).get("enabled", False):
+        settings.pop("compression", None)  # off: trains exactly as before the group existed
     privacy = settings.get("privacy", {})
     if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
         settings.pop("privacy", None)
@@ -137,9 +139,11 @@ def auto_run_name(cfg: DictConfig) -> str:
     if method.name == "pafi":
         variant = f"{method.select}-d{method.density:g}"
     digest = hashlib.sha1(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()[:6]
+    c = cfg.get("compression")
     parts = [
         method.name,
         variant,
+        f"q{c.bits}{'ef' if c.error_feedback else ''}" if c is not None and c.enabled else None,
         cfg.task.name,
         f"a{fed.alpha:g}",
         f"lr{cfg.train.lr:g}",
@@ -147,6 +151,13 @@ def auto_run_name(cfg: DictConfig) -> str:
         digest,
     ]
     return "-".join(str(p) for p in parts if p)
+
+
+def run_key(cfg: DictConfig) -> str:
+    """A digest of the run's training settings and name: what keys a client's state between rounds
+    (the error-feedback residual), so two runs never share it and a resumed run finds its own."""
+    blob = json.dumps({"settings": training_settings(cfg), "run_name": cfg.run_name}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def run_dir(cfg: DictConfig) -> Path:

@@ -32,6 +32,7 @@ from fedsparse.config import (
 )
 from fedsparse.data.glue import TASKS
 from fedsparse.federation import checkpoint
+from fedsparse.federation.compression import config_problems as compression_problems
 from fedsparse.federation.faults import FAIL_MODES
 from fedsparse.federation.strategy import STRATEGIES
 from fedsparse.methods import METHODS
@@ -112,7 +113,12 @@ def problems(cfg: DictConfig) -> list[str]:
             "(e.g. train.local_steps=null train.local_epochs=1)",
         ),
     ]
-    return [message for ok, message in checks if not ok] + device_problems(cfg) + config_problems(cfg)
+    return (
+        [message for ok, message in checks if not ok]
+        + device_problems(cfg)
+        + config_problems(cfg)
+        + compression_problems(cfg)
+    )
 
 
 def device_problems(cfg: DictConfig) -> list[str]:

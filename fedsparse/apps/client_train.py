@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from fedsparse.apps.client_state import uplink
 from fedsparse.data import cache
 from fedsparse.data.glue import TASKS, partition, source_file, train_split
 from fedsparse.federation import faults
@@ -191,7 +192,7 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig, simulated: boo
         head_lr_scale=float(cfg.train.get("head_lr_scale", 1.0)),
         precision=str(cfg.train.get("precision", "fp32")),
     )
-    wire = method.encode(method.pack(), reference=received)
+    wire = uplink(cfg, method, received, config, int(context.node_config["partition-id"]))
     metrics = {
         "num-examples": len(loader.dataset),
         "train-loss": loss,

@@ -7,7 +7,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
+from fedsparse.apps.client_state import RUN_KEY
 from fedsparse.apps.recorder import RoundRecorder
+from fedsparse.config import run_key
 from fedsparse.data.glue import TASKS, describe_shards, dev_split, largest_shard
 from fedsparse.federation.accounting import CommLedger, full_model_bytes
 from fedsparse.federation.sampling import ClientSampler
@@ -44,6 +46,7 @@ def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> Packed
         lr_decay=float(cfg.train.lr_decay),
         min_replies=int(fed.min_replies),
         max_examples=int(fed.max_examples),
+        compression=cfg.get("compression"),
         **kwargs,
     )
 
@@ -94,6 +97,8 @@ def run_server(grid: Grid, run: Run) -> dict:
             "local-epochs": float(cfg.train.local_epochs or 0.0),
         }
     )
+    if strategy.compression:  # names the clients' residual store (apps.client_state)
+        train_config[RUN_KEY] = run_key(cfg)
     runner.start(
         grid=grid,
         initial_arrays=ArrayRecord({"values": Array(recorder.start_values)}),

@@ -12,6 +12,7 @@ from flwr.common.serde import error_to_proto, message_to_proto, metadata_to_prot
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid
 
+from fedsparse.federation import compression
 from fedsparse.federation.protocol import ARRAYS_KEY
 
 BREAKDOWN = ("values", "head", "indices", "overhead")
@@ -99,6 +100,9 @@ class CommLedger:
         arrays = content.array_records.get(ARRAYS_KEY, {})
         values, indices = (_nbytes(arrays[k]) if k in arrays else 0 for k in ("values", "indices"))
         head = min(values, 4 * self.head_size)
+        if compression.KEY in arrays:  # a compressed update: its header, scales and codes count as values
+            values = _nbytes(arrays[compression.KEY])
+            head = _compressed_head(arrays[compression.KEY], self.head_size)
         entry = {
             "kind": kind,
             "direction": direction,
@@ -130,6 +134,16 @@ class CommLedger:
         out["query_bytes"] = sum(e["bytes"] for e in entries if e["kind"] == "query")
         out["total_bytes"] = sum(e["bytes"] for e in entries)
         return out
+
+
+def _compressed_head(array: Array, head_size: int) -> int:
+    """The head's share of a compressed update's bytes: its last `head_size` values' codes and
+    scales, pro rata (0 for a malformed array, which the server drops anyway)."""
+    try:
+        _, _, n = compression.read_header(array.numpy())
+    except ValueError:
+        return 0
+    return round(_nbytes(array) * min(head_size, n) / n) if n else 0
 
 
 def _nbytes(array: Array) -> int:

@@ -10,7 +10,7 @@ Replies are checked by `validation`; bytes are counted on the grid by `accountin
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
-from fedsparse.federation import validation
+from fedsparse.federation import compression, validation
 from fedsparse.federation.accounting import CommLedger, MeteredGrid
 from fedsparse.federation.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS
 from fedsparse.federation.sampling import ClientSampler
@@ -49,6 +49,7 @@ class PackedStrategy:
         lr_decay: float = 1.0,
         min_replies: int = 1,
         max_examples: int = 10_000_000,
+        compression: Mapping | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -59,6 +60,10 @@ class PackedStrategy:
         self.min_replies = min_replies
         self.max_examples = max_examples  # a larger `num-examples` would dominate the average
         self.max_reply_bytes = 8 * method.num_values() + 2**20  # values + indices + generous framing
+        # compressed uplink: (bits, block) every reply must use, or None
+        on = compression is not None and compression.get("enabled", False)
+        self.compression = (int(compression["bits"]), int(compression["block"])) if on else None
+        self._decompressed: dict[int, ArrayRecord] = {}  # id -> record, this round's decoded replies
         self.round_offset = 0
         self.current_round = 0  # the round being configured, counting resumed ones
         self.fingerprint = method.fingerprint()
@@ -90,6 +95,7 @@ class PackedStrategy:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         server_round = self.current_round = server_round + self.round_offset
+        self._decompressed.clear()
         config = ConfigRecord(dict(config))  # the caller passes the same record every round
         config["lr"] = float(config["lr"]) * self.lr_decay ** (server_round - 1)
         config[FINGERPRINT_KEY] = self.fingerprint
@@ -194,7 +200,11 @@ class PackedStrategy:
         return metrics
 
     def train_reply_problem(self, reply: Message) -> str | None:
-        """Why this clear-text train reply must not be aggregated, or None."""
+        """Why this clear-text train reply must not be aggregated, or None. A compressed reply is
+        first decoded in place into the values the method would have sent (`decompress`)."""
+        problem = self.decompress(reply)
+        if problem:
+            return problem
         return validation.train_reply_problem(
             reply.content,
             arrays_key=self.arrayrecord_key,
@@ -204,6 +214,30 @@ class PackedStrategy:
             max_examples=self.max_examples,
             max_bytes=self.max_reply_bytes,
         )
+
+    def decompress(self, reply: Message) -> str | None:
+        """With compression on, replace a reply's `compressed` update by the values it stands for
+        (the received global's entries plus the dequantised update), so that validation, DP's
+        clipping and noise and the base strategy's mean all see the dequantised vector; or say
+        why it cannot be decoded. Idempotent within a round (DP's wrapper checks replies first)."""
+        arrays = reply.content.array_records.get(self.arrayrecord_key)
+        if self.compression is None or arrays is None or id(arrays) in self._decompressed:
+            return None
+        problem = validation.payload_problem(reply.content, self.max_reply_bytes)
+        problem = problem or validation.compressed_problem(arrays, self.method)
+        if problem:
+            return problem
+        wire = {k: a.numpy() for k, a in arrays.items()}
+        bits, block = self.compression
+        try:
+            update = compression.decode(wire.pop(compression.KEY), self.method.num_values(), bits, block)
+            values = self.method.wire_reference(wire, self.global_values) + update
+        except ValueError as err:
+            return str(err)
+        decoded = ArrayRecord({k: Array(v) for k, v in wire.items()} | {"values": Array(values)})
+        reply.content[self.arrayrecord_key] = decoded
+        self._decompressed[id(decoded)] = decoded
+        return None
 
     def _reduce(self, server_round: int, reply: Message) -> str | None:
         """Replace a valid reply's content by exactly what the aggregation reads (the dense vector

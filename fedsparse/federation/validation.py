@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
+from fedsparse.federation import compression
 from fedsparse.federation.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS, WEIGHT_KEY
 
 if TYPE_CHECKING:
@@ -31,6 +32,15 @@ def records_problem(content: RecordDict, arrays_key: str) -> str | None:
         or INFO_KEY not in content.config_records
     ):
         return f"reply lacks '{arrays_key}', '{METRICS_KEY}' or '{INFO_KEY}' records"
+    return None
+
+
+def compressed_problem(arrays: ArrayRecord, method: Method) -> str | None:
+    """A compressed reply's array names: `compressed` in place of `values` (the header, length and
+    scales are checked by `compression.decode`)."""
+    expected = (set(method.wire_keys) - {"values"}) | {compression.KEY}
+    if set(arrays) != expected:
+        return f"compressed reply has arrays {sorted(arrays)}, expected {sorted(expected)}"
     return None
 
 

@@ -130,6 +130,11 @@ class Method:
     def decode(self, arrays: dict[str, np.ndarray], reference: np.ndarray | None = None) -> np.ndarray:
         return arrays["values"]
 
+    def wire_reference(self, arrays: dict[str, np.ndarray], reference: np.ndarray) -> np.ndarray:
+        """`reference`'s entries where an uplink's `values` go (its other arrays say where): what a
+        compressed update is added to. Identity for a method that sends the whole vector."""
+        return reference
+
     def initial_state(self) -> np.ndarray:
         """The vector before any training (what the server starts from)."""
         if not hasattr(self, "_initial"):

@@ -78,6 +78,11 @@ class TopK(Method):
             return f"top-k reply carries {index.size} indices, expected k={self.k}"
         return None
 
+    def wire_reference(self, arrays: dict[str, np.ndarray], reference: np.ndarray) -> np.ndarray:
+        """`reference` at the sent indices, then its head (indices checked like `decode`'s)."""
+        index = self.codec.decode(arrays["indices"], self.body_size)
+        return np.concatenate([reference[index], reference[self.body_size :]]).astype(np.float32)
+
     def decode(self, arrays: dict[str, np.ndarray], reference: np.ndarray | None = None) -> np.ndarray:
         """Scatter the sent entries onto `reference` (default: the checkpoint)."""
         index, values = self._indices(arrays), arrays["values"]

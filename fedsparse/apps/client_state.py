@@ -1,0 +1,104 @@
+"""A client's compressed uplink and its error-feedback residual, the node's own state between rounds.
+
+The residual must survive what Flower's `context.state` does not: a killed and resumed run, and
+a SuperNode that serves each message in a fresh process. It lives in the node-local cache
+directory (`fedsparse.data.cache`), one file per (run, partition, round):
+
+    <cache dir>/residuals/<run key>/p<partition>/r<round>.npy
+
+The run key is a digest of the run's training settings and name that the server sends with every
+train message (`run-key`), so two runs never share residuals and a resumed run finds its own.
+Round r reads the newest file of a round before r; a resumed round r rewrites round r's file
+(atomically), so a rerun reads exactly what the uninterrupted run read. After writing round r
+the files of later rounds (an abandoned timeline) and all but the newest earlier one (which a
+rerun of round r would read) are deleted.
+
+A client cannot know whether the server accepted its reply: the residual keeps only what the
+compression lost of the update it sent, so a dropped reply loses that update like any dropped
+reply, and the residual carries on as if it had arrived.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from fedsparse.data import cache
+from fedsparse.federation import compression
+from fedsparse.methods import Method
+
+RUN_KEY = "run-key"  # the train config's entry naming the run's residual store
+
+
+class ResidualStore:
+    def __init__(self, run_key: str, partition: int, root: Path | None = None):
+        root = root or cache.cache_dir()
+        if root is None:
+            raise RuntimeError(
+                "compression.error_feedback needs the node-local cache for its residual: "
+                "unset FEDSPARSE_CACHE=off or set FEDSPARSE_CACHE_DIR"
+            )
+        self.dir = Path(root) / "residuals" / str(run_key) / f"p{int(partition)}"
+
+    def _rounds(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(p.stem[1:]) for p in self.dir.glob("r*.npy") if p.stem[1:].isdigit())
+
+    def _path(self, server_round: int) -> Path:
+        return self.dir / f"r{server_round:06d}.npy"
+
+    def load(self, server_round: int) -> np.ndarray | None:
+        """The residual this partition left in its last trained round before `server_round`."""
+        earlier = [r for r in self._rounds() if r < server_round]
+        return np.load(self._path(earlier[-1])) if earlier else None
+
+    def save(self, server_round: int, residual: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(server_round)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, residual.astype(np.float32, copy=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        earlier = [r for r in self._rounds() if r < server_round]
+        for r in self._rounds():
+            if r > server_round or r in earlier[:-1]:
+                self._path(r).unlink(missing_ok=True)
+
+
+def uplink(
+    cfg: DictConfig, method: Method, received: np.ndarray, config, partition: int
+) -> dict[str, np.ndarray]:
+    """The arrays of a train reply: the method's own encoding of the local state, or with
+    `compression.enabled` the update (sent values minus the received ones, plus the residual
+    under error feedback) quantised into one `compressed` array; top-k's indices stay as they are.
+
+    Under error feedback the residual is the whole vector the server will not reconstruct:
+    `local + residual - decode(what was sent)`; for top-k that includes the unsent entries
+    (error-feedback top-k)."""
+    local = method.pack()
+    c = cfg.get("compression")
+    if c is None or not c.enabled:
+        return method.encode(local, reference=received)
+    server_round = int(config["server-round"])
+    if c.error_feedback and RUN_KEY not in config:
+        raise RuntimeError(
+            f"compression.error_feedback: the train config lacks '{RUN_KEY}' (a server without compression?)"
+        )
+    store = ResidualStore(str(config[RUN_KEY]), partition) if c.error_feedback else None
+    residual = store.load(server_round) if store else None
+    target = local if residual is None else local + residual
+    wire = method.encode(target, reference=received)
+    reference = method.wire_reference(wire, received)
+    update = wire.pop("values") - reference
+    rng = compression.rounding_rng(cfg.seed, server_round, partition)
+    wire[compression.KEY] = compression.encode(update, int(c.bits), int(c.block), rng)
+    if store:
+        sent = reference + compression.decode(wire[compression.KEY], update.size)
+        store.save(server_round, target - method.decode({**wire, "values": sent}, received))
+    return wire

@@ -1,0 +1,173 @@
+"""Compressed uplink: an update quantised to `bits` per value with one float32 scale per block.
+
+Wire format, one uint8 array per reply (key `compressed`, in place of `values`):
+
+    offset  size               field
+    0       2                  magic b"FQ"
+    2       1                  version (1)
+    3       1                  bits per value: 1, 2, 4 or 8
+    4       4                  block: values per scale (uint32, little-endian)
+    8       4                  n: number of values (uint32, little-endian)
+    12      4 * ceil(n/block)  scales (float32, little-endian): max |x| over each block
+    ...     ceil(n*bits/8)     codes, packed little-end first within each byte
+
+so a message carries `HEADER + 4 * ceil(n / block) + ceil(n * bits / 8)` bytes of payload.
+
+Each value x of a block with scale s is rounded to one of L = 2^bits levels spread evenly over
+[-s, s] (step 2s/(L-1); 1 bit: {-s, +s}), up with probability equal to its distance from the
+level below in steps: unbiased, E[q(x)] = x. The error of one value is below one step, 2s/(L-1),
+and its variance is p(1-p) step^2 <= s^2/(L-1)^2. The uniform draws come from a generator
+seeded by (seed, round, partition): the rounding is public, reproducible and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAGIC = b"FQ"
+VERSION = 1
+HEADER = 12
+BITS = (1, 2, 4, 8)
+KEY = "compressed"  # the array name of a compressed update in a train reply
+_STREAM = 0x51  # tells the rounding generator apart from the clients' other seeded draws
+
+
+def rounding_rng(seed: int, server_round: int, partition: int) -> np.random.Generator:
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed), int(server_round), int(partition), _STREAM])
+    )
+
+
+def payload_bytes(n: int, bits: int, block: int) -> int:
+    """Bytes of the encoded array for n values."""
+    return HEADER + 4 * -(-n // block) + -(-n * bits // 8)
+
+
+def _step(scales: np.ndarray, bits: int) -> np.ndarray:
+    return 2.0 * scales.astype(np.float64) / (2**bits - 1)
+
+
+def block_scales(x: np.ndarray, block: int) -> np.ndarray:
+    """max |x| over each block of `block` values (the last block may be shorter)."""
+    pad = -x.size % block
+    a = np.abs(np.concatenate([x, np.zeros(pad, x.dtype)])).reshape(-1, block)
+    return a.max(axis=1).astype(np.float32)
+
+
+def quantise(x: np.ndarray, bits: int, block: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(codes in 0..2^bits-1 as uint8, per-block scales) of float vector x, stochastically rounded."""
+    if bits not in BITS:
+        raise ValueError(f"compression.bits={bits}: use one of {BITS}")
+    x = np.asarray(x, dtype=np.float32)
+    scales = block_scales(x, block)
+    s = np.repeat(scales.astype(np.float64), block)[: x.size]
+    step = np.repeat(_step(scales, bits), block)[: x.size]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u = np.where(step > 0, (x + s) / step, 0.0)  # position on the grid, in steps
+    low = np.floor(u)
+    codes = low + (rng.random(x.size) < u - low)
+    return np.clip(codes, 0, 2**bits - 1).astype(np.uint8), scales
+
+
+def dequantise(codes: np.ndarray, scales: np.ndarray, bits: int, block: int) -> np.ndarray:
+    n = codes.size
+    s = np.repeat(scales.astype(np.float64), block)[:n]
+    step = np.repeat(_step(scales, bits), block)[:n]
+    return (codes * step - s).astype(np.float32)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    padded = np.concatenate([codes, np.zeros(-codes.size % per, np.uint8)]).reshape(-1, per)
+    shifts = (bits * np.arange(per)).astype(np.uint8)
+    return np.bitwise_or.reduce(padded << shifts, axis=1).astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    per = 8 // bits
+    shifts = (bits * np.arange(per)).astype(np.uint8)
+    return ((packed[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:n].astype(np.uint8)
+
+
+def encode(update: np.ndarray, bits: int, block: int, rng: np.random.Generator) -> np.ndarray:
+    """The wire array of `update` (see the module doc)."""
+    if block < 1:
+        raise ValueError(f"compression.block={block}: must be >= 1")
+    codes, scales = quantise(update, bits, block, rng)
+    header = MAGIC + bytes([VERSION, bits]) + np.array([block, codes.size], "<u4").tobytes()
+    body = np.concatenate(
+        [np.frombuffer(header, np.uint8), scales.astype("<f4").view(np.uint8), _pack(codes, bits)]
+    )
+    return body.astype(np.uint8, copy=False)
+
+
+def read_header(array: np.ndarray) -> tuple[int, int, int]:
+    """(bits, block, n) of a wire array, or ValueError with the reason."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise ValueError(
+            f"compressed update has dtype {array.dtype} and {array.ndim} dims, expected 1-D uint8"
+        )
+    if array.size < HEADER:
+        raise ValueError(f"compressed update has {array.size} bytes, less than its {HEADER}-byte header")
+    head = array[:HEADER].tobytes()
+    if head[:2] != MAGIC or head[2] != VERSION:
+        raise ValueError(
+            f"compressed update header {head[:3]!r} does not start with the magic {MAGIC!r}, version {VERSION}"
+        )
+    bits = head[3]
+    block, n = (int(v) for v in np.frombuffer(head[4:12], "<u4"))
+    if bits not in BITS or block < 1:
+        raise ValueError(
+            f"compressed update has bits={bits}, block={block}: expected bits in {BITS}, block >= 1"
+        )
+    return bits, block, n
+
+
+def decode(
+    array: np.ndarray, expected_n: int, bits: int | None = None, block: int | None = None
+) -> np.ndarray:
+    """The dequantised float32 update of a wire array; ValueError with the reason when its header,
+    length or scales are malformed, or (when given) its bits/block differ from the run's."""
+    got_bits, got_block, n = read_header(array)
+    if bits is not None and got_bits != bits or block is not None and got_block != block:
+        raise ValueError(
+            f"compressed update uses bits={got_bits}, block={got_block}; this run uses bits={bits}, block={block}"
+        )
+    if n != expected_n:
+        raise ValueError(f"compressed update has n={n} values, expected {expected_n}")
+    size = payload_bytes(n, got_bits, got_block)
+    if array.size != size:
+        raise ValueError(f"compressed update has {array.size} bytes, its header implies {size}")
+    nblocks = -(-n // got_block)
+    scales = array[HEADER : HEADER + 4 * nblocks].view("<f4").astype(np.float32)
+    if not (np.isfinite(scales).all() and (scales >= 0).all()):
+        raise ValueError("compressed update has a NaN, infinite or negative scale")
+    codes = _unpack(array[HEADER + 4 * nblocks :], got_bits, n)
+    return dequantise(codes, scales, got_bits, got_block)
+
+
+def config_problems(cfg) -> list[str]:
+    """Settings and combinations a compressed uplink refuses, each with why."""
+    c = cfg.get("compression")
+    if c is None or not c.enabled:
+        return []
+    problems = []
+    if c.bits not in BITS:
+        problems.append(f"compression.bits={c.bits}: use one of {BITS} (or compression=none)")
+    if not 1 <= c.block < 2**32:
+        problems.append(f"compression.block={c.block}: must be >= 1")
+    p = cfg.get("privacy", {})
+    if p.get("secagg", False):
+        problems.append(
+            "compression cannot be used with privacy.secagg=true: SecAgg+ quantises each update to "
+            "its own integer range (privacy.secagg_quantization_range) and sums masked integers; "
+            "block-scaled codes from different clients cannot be summed under masks"
+        )
+    if p.get("dp", "none") in ("client", "local"):
+        problems.append(
+            f"compression cannot be used with privacy.dp={p.dp}: the client's DP mod clips (and "
+            "noises) the reply's float values after the handler, and a compressed reply carries "
+            "codes; use privacy.dp=server (clipped and noised after decompression)"
+        )
+    return problems

@@ -1,0 +1,370 @@
+"""Compressed uplink: the quantiser is unbiased and within its error bound, a message's bytes follow
+the formula, the server drops malformed arrays with a reason and aggregates the dequantised
+updates, and the error-feedback residual carries over skipped rounds and resumes bit-identically."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import method_cfg, packed_strategy, tiny_model
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from omegaconf import OmegaConf
+from test_secagg import TRAIN_CONFIG, InProcessGrid
+
+from fedsparse.apps import client_state, client_train
+from fedsparse.apps.server_app import make_strategy
+from fedsparse.config import compose, run_key
+from fedsparse.federation import compression
+from fedsparse.federation.accounting import CommLedger, wire_bytes
+from fedsparse.methods import build_method
+from fedsparse.methods.model import load_model
+from fedsparse.run import compose_config, problems
+
+BITS = (1, 2, 4, 8)
+
+
+def _levels_step(scales: np.ndarray, bits: int, block: int, n: int) -> np.ndarray:
+    return np.repeat(2.0 * scales.astype(np.float64) / (2**bits - 1), block)[:n]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_stochastic_rounding_is_unbiased(bits):
+    """The mean of N seeded draws is within 4 standard errors of x, entry by entry, where the
+    standard error comes from the quantiser's variance bound step^2/4 (step = 2s/(L-1)); the
+    mean error over all entries is within 4 standard errors of the exact variance p(1-p) step^2."""
+    block, n, draws = 16, 64, 4000
+    x = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    decoded = np.stack(
+        [
+            compression.decode(compression.encode(x, bits, block, compression.rounding_rng(7, r, 3)), n)
+            for r in range(draws)
+        ]
+    ).astype(np.float64)
+    step = _levels_step(compression.block_scales(x, block), bits, block, n)
+    error = decoded.mean(axis=0) - x
+    se_bound = step / 2 / np.sqrt(draws)
+    assert np.all(np.abs(error) <= 4 * se_bound + 1e-6), np.max(np.abs(error) / se_bound)
+    u = (x + np.repeat(compression.block_scales(x, block), block)[:n]) / step
+    p = u - np.floor(u)
+    se_total = np.sqrt((p * (1 - p) * step**2).sum() / draws)  # of the sum of the entries' means
+    assert abs(error.sum()) <= 4 * se_total + 1e-5
+    print(f"{bits} bits: max |mean error| / SE(bound) = {np.max(np.abs(error) / se_bound):.2f}")
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_each_value_is_within_one_step_of_its_block_scale(bits):
+    block = 32
+    x = np.random.default_rng(2).standard_normal(1000).astype(np.float32) * np.repeat(
+        np.logspace(-3, 1, 32), 32
+    )[:1000].astype(np.float32)
+    x[64:96] = 0.0  # an all-zero block decodes to zeros
+    wire = compression.encode(x, bits, block, compression.rounding_rng(0, 1, 0))
+    y = compression.decode(wire, x.size, bits, block)
+    scales = compression.block_scales(x, block)
+    np.testing.assert_array_equal(scales, np.abs(np.pad(x, (0, 24))).reshape(-1, block).max(axis=1))
+    step = _levels_step(scales, bits, block, x.size)
+    assert np.all(np.abs(y.astype(np.float64) - x) <= step * (1 + 1e-6))
+    assert np.all(np.abs(y) <= np.repeat(scales, block)[: x.size] * (1 + 1e-6))  # never beyond [-s, s]
+    assert not y[64:96].any()
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [1, 255, 256, 1000])
+def test_the_array_has_exactly_the_formula_bytes(bits, n):
+    wire = compression.encode(np.ones(n, np.float32), bits, 256, compression.rounding_rng(0, 1, 0))
+    assert wire.dtype == np.uint8
+    assert wire.size == compression.HEADER + 4 * -(-n // 256) + -(-n * bits // 8)
+
+
+def _server(compressed: bool = True, bits: int = 4, block: int = 64, method: str = "pafi"):
+    m = build_method(tiny_model(), method_cfg(method, density=0.05))
+    strategy = packed_strategy(m)
+    strategy.compression = (bits, block) if compressed else None
+    return strategy
+
+
+def _compressed_reply(strategy, wire: np.ndarray, weight: int = 10, extra: dict | None = None) -> Message:
+    arrays = {compression.KEY: wire} | (extra or {})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord(
+                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0, "setup-seconds": 0.5}
+            ),
+            "info": ConfigRecord({"fingerprint": strategy.fingerprint}),
+        }
+    )
+    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_malformed_compressed_replies_are_dropped_with_a_reason(app_identity):
+    strategy = _server()
+    g, n = strategy.global_values, strategy.global_values.size
+    rng = np.random.default_rng(0)
+    updates = [rng.standard_normal(n).astype(np.float32) * 1e-2 for _ in range(2)]
+    wires = [compression.encode(u, 4, 64, compression.rounding_rng(0, 1, i)) for i, u in enumerate(updates)]
+    nblocks = -(-n // 64)
+
+    def corrupt(offset: int, data: bytes) -> np.ndarray:
+        w = wires[0].copy()
+        w[offset : offset + len(data)] = np.frombuffer(data, np.uint8)
+        return w
+
+    bad = {
+        "magic": corrupt(0, b"XX"),
+        "bits=3": corrupt(3, bytes([3])),
+        "this run uses bits=4": compression.encode(updates[0], 8, 64, compression.rounding_rng(0, 1, 0)),
+        "this run uses bits=4, block=64": compression.encode(
+            updates[0], 4, 32, compression.rounding_rng(0, 1, 0)
+        ),
+        f"expected {n}": compression.encode(updates[0][:-1], 4, 64, compression.rounding_rng(0, 1, 0)),
+        "header implies": wires[0][:-1],
+        "less than its 12-byte header": wires[0][:5],
+        "NaN, infinite or negative scale": corrupt(12, np.float32([np.nan]).tobytes()),
+        "negative scale": corrupt(12 + 4 * (nblocks - 1), np.float32([-1.0]).tobytes()),
+        "1-D uint8": wires[0].astype(np.int16),
+    }
+    replies = [_compressed_reply(strategy, w) for w in wires]
+    replies += [_compressed_reply(strategy, w, 5) for w in bad.values()]
+    plain = Message(
+        content=RecordDict(
+            {
+                "arrays": ArrayRecord({"values": Array(g + 1)}),
+                "metrics": replies[0].content["metrics"],
+                "info": replies[0].content["info"],
+            }
+        ),
+        dst_node_id=0,
+        message_type=MessageType.TRAIN,
+    )
+    bad["compressed reply has arrays ['values']"] = plain
+    replies.append(plain)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    reasons = strategy.rejected[1]
+    assert len(reasons) == len(bad)
+    for why, reason in zip(bad, reasons, strict=True):
+        assert why in reason, (why, reason)
+    # FedAvg saw the dequantised values: the weighted mean of global + dequantised update
+    dequantised = [g + compression.decode(w, n) for w in wires]
+    np.testing.assert_allclose(arrays["values"].numpy(), (dequantised[0] + dequantised[1]) / 2, atol=1e-7)
+
+
+def test_topk_values_are_quantised_and_its_indices_kept(app_identity):
+    strategy = _server(method="topk")
+    m, g = strategy.method, strategy.global_values
+    local = g + np.random.default_rng(3).standard_normal(g.size).astype(np.float32) * 1e-2
+    wire = m.encode(local, reference=g)
+    reference = m.wire_reference(wire, g)
+    update = wire.pop("values") - reference
+    codes = compression.encode(update, 4, 64, compression.rounding_rng(0, 1, 0))
+    reply = _compressed_reply(strategy, codes, extra={"indices": wire["indices"]})
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    expected = m.decode({**wire, "values": reference + compression.decode(codes, update.size)}, g)
+    np.testing.assert_array_equal(arrays["values"].numpy(), expected)
+    assert not strategy.rejected
+
+
+def test_config_refuses_secagg_and_client_dp_and_names_the_run():
+    base = ["model=tiny", "compression=uplink"]
+    cfg = compose_config(base + ["run_name=auto"])
+    assert problems(cfg) == [] and "-q4ef-" in cfg.run_name
+    assert (
+        "-q8-"
+        in compose_config(
+            base + ["run_name=auto", "compression.error_feedback=false", "compression.bits=8"]
+        ).run_name
+    )
+    assert "q4" not in compose_config(["model=tiny", "run_name=auto"]).run_name
+    for extra, why in [
+        (["privacy.secagg=true", "federation.clients_per_round=2"], "cannot be summed under masks"),
+        (["privacy.dp=local"], "privacy.dp=local"),
+        (["privacy.dp=client"], "privacy.dp=client"),
+        (["compression.bits=3"], "compression.bits=3"),
+    ]:
+        found = problems(compose(base + extra))
+        assert any(why in p for p in found), found
+    assert not [p for p in problems(compose(base + ["privacy.dp=server"])) if "compression" in p]
+
+
+# --- error feedback: the client's residual -------------------------------------------------------
+
+
+@pytest.fixture
+def store_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_the_residual_carries_over_a_skipped_round(store_dir):
+    """A partition trained in rounds 1 and 3 (not 2): round 3 adds round 1's residual, and what the
+    server reconstructs plus the last residual is exactly the sum of the true updates."""
+    cfg = OmegaConf.create(
+        {"seed": 0, "compression": {"enabled": True, "bits": 2, "block": 64, "error_feedback": True}}
+    )
+    method = build_method(tiny_model(), method_cfg("pafi", density=0.05))
+    g = method.initial_state().copy()
+    rng = np.random.default_rng(4)
+    sent_total, true_total = np.zeros(g.size), np.zeros(g.size)
+    store = client_state.ResidualStore("k", 0)
+    for server_round in (1, 3, 4):
+        local = g + rng.standard_normal(g.size).astype(np.float32) * 1e-2
+        method.unpack(local)
+        config = {"server-round": server_round, client_state.RUN_KEY: "k"}
+        before = store.load(server_round)
+        wire = client_state.uplink(cfg, method, g, config, 0)
+        sent = g + compression.decode(wire[compression.KEY], g.size)
+        target = local if before is None else local + before
+        np.testing.assert_array_equal(store.load(server_round + 1), target - sent)  # what was lost
+        sent_total += sent.astype(np.float64) - g
+        true_total += local.astype(np.float64) - g
+    assert sorted(p.name for p in store.dir.iterdir()) == ["r000003.npy", "r000004.npy"]
+    np.testing.assert_allclose(sent_total + store.load(5), true_total, atol=1e-5)
+
+
+def _federate(cfg, grid, rounds: int, offset: int, start: np.ndarray):
+    """`rounds` rounds after round `offset` from global `start`, in process; the final global and
+    each client reply the server received."""
+    method = client_train.client_method(cfg)
+    strategy = make_strategy(cfg, method, CommLedger(method.head_size))
+    strategy.round_offset = offset
+    config = ConfigRecord(dict(TRAIN_CONFIG) | {client_state.RUN_KEY: run_key(cfg)})
+    grid.received = []
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord({"values": Array(start)}),
+        num_rounds=rounds,
+        train_config=config,
+    )
+    return result.arrays["values"].numpy(), strategy
+
+
+def _uplinks(grid) -> list[bytes]:
+    """The compressed arrays of the last round's replies (the grid keeps each run's replies)."""
+    arrays = [r.content.array_records.get("arrays", {}) for r in grid.received]
+    return [a[compression.KEY].numpy().tobytes() for a in arrays if compression.KEY in a][-2:]
+
+
+def _kill():
+    """What a killed process loses: the cached model, shards and every in-memory state."""
+    client_train._method.cache_clear()
+    client_train._shard.cache_clear()
+
+
+OVERRIDES = [
+    "model=tiny",
+    "method=pafi",
+    "method.density=0.2",
+    "compression=uplink",
+    "compression.block=128",
+    "federation.num_clients=3",
+    "federation.clients_per_round=2",  # partial participation: clients skip rounds
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "data.max_train_examples=300",
+    "data.max_length=32",
+    "run_name=ef-resume",
+]
+
+
+def test_error_feedback_resumes_bit_identically_after_a_kill(app_identity, store_dir, monkeypatch):
+    """Uninterrupted rounds 1-3 against: rounds 1-2, then round 3 (its residuals written), a kill
+    before the server's round-3 checkpoint, and round 3 again from round 2's global state. The
+    rerun reads the residuals of the rounds before 3, not the abandoned round 3's."""
+    cfg = compose_config(OVERRIDES)
+    start = build_method(load_model("tiny-bert", 2, cfg.seed), cfg.method).initial_state()
+    monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(store_dir / "a"))
+    _kill()
+    grid = InProcessGrid(cfg)
+    uninterrupted, strategy = _federate(cfg, grid, 3, 0, start)
+    last_round = _uplinks(grid)
+    assert sorted(strategy.accepted.values()) == [2, 2, 2]
+
+    monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(store_dir / "b"))
+    _kill()
+    grid = InProcessGrid(cfg)
+    after_two, _ = _federate(cfg, grid, 2, 0, start)
+    abandoned, _ = _federate(
+        cfg, grid, 1, 2, after_two
+    )  # round 3 trains; the server dies before its checkpoint
+    _kill()
+    grid = InProcessGrid(cfg)  # fresh contexts: Flower's context.state is gone too
+    resumed, _ = _federate(cfg, grid, 1, 2, after_two)
+    rerun = _uplinks(grid)
+    assert rerun == last_round
+    np.testing.assert_array_equal(resumed, uninterrupted)
+    np.testing.assert_array_equal(abandoned, uninterrupted)
+    residuals = sorted(p.relative_to(store_dir / "b") for p in (store_dir / "b" / "residuals").rglob("*.npy"))
+    assert residuals and all(p.parts[1] == run_key(cfg) for p in residuals)
+
+
+@pytest.mark.parametrize("bits", [32, *BITS])
+def test_reply_bytes_follow_the_formula(app_identity, store_dir, bits):
+    """A real train reply's serialized size is the uncompressed reply's framing (its size minus its
+    4-byte values) plus values x bits / 8 + 4 bytes per scale + the 12-byte header, within 1%; and
+    the ledger counts exactly the array's bytes as payload."""
+    overrides = OVERRIDES[:4] + [
+        "train.local_steps=1",
+        "train.batch_size=8",
+        "data.max_train_examples=100",
+        "data.max_length=32",
+    ]
+    if bits != 32:
+        overrides += [f"compression.bits={bits}", "compression.error_feedback=false"]
+    else:
+        overrides[3] = "compression=none"
+    cfg = compose_config(overrides)
+    _kill()
+    method = client_train.client_method(cfg)
+    g = method.initial_state()
+    config = ConfigRecord(
+        dict(TRAIN_CONFIG)
+        | {"fingerprint": method.fingerprint(), "server-round": 1, client_state.RUN_KEY: "x"}
+    )
+    content = RecordDict({"arrays": ArrayRecord({"values": Array(g)}), "config": config})
+    msg = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+    from flwr.app import Context
+
+    context = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
+    reply = client_train.handle_train(msg, context, cfg)
+    n = method.num_values()
+    plain = RecordDict({**reply.content, "arrays": ArrayRecord({"values": Array(g)})})
+    framing = wire_bytes(Message(content=plain, reply_to=msg)) - 4 * n
+    measured = wire_bytes(reply)
+    if bits == 32:
+        assert measured == framing + 4 * n
+    else:
+        block = cfg.compression.block
+        formula = framing + n * bits / 8 + 4 * -(-n // block) + compression.HEADER
+        assert abs(measured - formula) <= 0.01 * formula, (measured, formula)
+        ledger = CommLedger(method.head_size)
+        ledger.add(1, "train", "up", 1, measured, reply.content)
+        entry = ledger.rounds[1][0]
+        assert entry["values"] + entry["head"] == compression.payload_bytes(n, bits, block)
+    print(f"{bits:>2} bits: {n:,} values, reply {measured:,} bytes ({framing} of framing)")
+
+
+def test_central_dp_clips_and_noises_the_decompressed_updates(app_identity):
+    """privacy.dp=server: the norms are those of the dequantised updates, each clipped after
+    decompression, and the unweighted mean of the clipped dequantised updates is released."""
+    from fedsparse.privacy.dp import ServerSideDp
+
+    strategy = _server(bits=8, block=64)
+    g, n, clip = strategy.global_values, strategy.global_values.size, 0.5
+    rng = np.random.default_rng(5)
+    updates = [u / np.linalg.norm(u) * s * clip for u, s in zip(rng.standard_normal((3, n)), (0.5, 2, 5))]
+    wires = [
+        compression.encode(u.astype(np.float32), 8, 64, compression.rounding_rng(0, 1, i))
+        for i, u in enumerate(updates)
+    ]
+    dp = ServerSideDp(strategy, 0.0, clip, 3)
+    dp._setup(population=3, delta=1e-5, noise=np.random.default_rng(0))
+    arrays, _ = dp.aggregate_train(
+        1, [_compressed_reply(strategy, w, 10 * (i + 1)) for i, w in enumerate(wires)]
+    )
+    dequantised = [(g + compression.decode(w, n)).astype(np.float64) - g for w in wires]
+    np.testing.assert_allclose(
+        dp.rounds[1]["update_norms"], [np.linalg.norm(d) for d in dequantised], rtol=1e-6
+    )
+    clipped = np.mean([d * min(1.0, clip / np.linalg.norm(d)) for d in dequantised], axis=0)
+    np.testing.assert_allclose(arrays["values"].numpy() - g, clipped, atol=1e-6)
+    assert dp.rounds[1]["released"] and dp.rounds[1]["over_norm"] == 2 and strategy.accepted[1] == 3
