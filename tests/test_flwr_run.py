@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 
-from flower_procs import (
-    BIN,
+import pytest
+from harness.federation import tiny
+
+from fedsparse.deploy.loopback import (
     flower_env,
     flwr_run,
     free_port,
     leftovers,
     processes,
+    superlink_argv,
     wait_for_port,
     write_connection,
 )
 
-OVERRIDES = (
-    "model=tiny federation.num_clients=3 federation.clients_per_round=3 federation.rounds=2 "
-    "train.local_steps=2 train.batch_size=8 data.max_train_examples=600 "
-    "data.max_eval_examples=32 data.max_length=32"
-)
+pytestmark = pytest.mark.integration
 
 
 def test_flwr_run_on_a_local_simulation_federation(tmp_path):
@@ -28,29 +27,10 @@ def test_flwr_run_on_a_local_simulation_federation(tmp_path):
     env = flower_env(home)
     out = tmp_path / "results"
     with processes(tmp_path, home) as start:
-        link = start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--simulation",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--disable-runtime-dependency-installation",
-            ],
-            env,
-        )
+        link = start("superlink", superlink_argv(port, simulation=True), env)
         wait_for_port(port, link)
-        run = flwr_run(
-            "local-sim",
-            f"{OVERRIDES} output_dir={out} run_name=flwr-run",
-            env,
-            federation_config="num-supernodes=3",
-        )
+        settings = " ".join(tiny(f"output_dir={out}", "run_name=flwr-run"))
+        run = flwr_run("local-sim", settings, env, federation_config="num-supernodes=3")
         assert run.returncode == 0, run.stdout + run.stderr
     assert link.poll() is not None and leftovers(home) == []  # everything it started is stopped
     summary = json.loads((out / "flwr-run" / "summary.json").read_text())

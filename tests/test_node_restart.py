@@ -11,35 +11,34 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flower_procs import (
-    BIN,
+import pytest
+from harness.federation import DEPLOYMENT
+
+from fedsparse.deploy.loopback import (
     flower_env,
     flwr_run,
     free_port,
     leftovers,
     processes,
+    superlink_argv,
+    supernode_argv,
     wait_for_port,
     write_connection,
 )
+
+pytestmark = pytest.mark.integration
 
 # Seed 4 draws partition 0, then 1, then 0 (one client of two per round). Partition 0 trains in
 # round 1; its node is then killed and restarted while partition 1 trains in round 2. The next
 # partition-id discovery (when round 2 draws its evaluate clients, or when round 3 starts) meets
 # the new node's claim while the SuperLink still lists the dead holder, so the restart rule
 # decides, and partition 0 trains on the new node in round 3.
-SETTINGS = [  # tests/test_deployment.py's run, one client per round
-    "model=tiny",
+SETTINGS = [  # the loopback deployment's run (harness.federation), one client per round
+    *DEPLOYMENT,
     "seed=4",
-    "federation.num_clients=2",
     "federation.clients_per_round=1",
     "federation.rounds=3",
     "federation.round_timeout=120",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=400",
-    "data.max_eval_examples=32",
-    "data.max_length=32",
-    "method.density=0.05",
 ]
 
 
@@ -71,27 +70,9 @@ def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
     with processes(tmp_path, home) as start, ThreadPoolExecutor(1) as pool:
 
         def supernode(name: str, partition: int):
-            config = f"partition-id={partition} num-partitions=2"
-            argv = ["--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port())]
-            return start(name, [str(BIN / "flower-supernode"), *argv, "--node-config", config], env)
+            return start(name, supernode_argv(port, partition, 2), env)
 
-        link = start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                str(tmp_path / "state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            env,
-        )
+        link = start("superlink", superlink_argv(port, tmp_path / "state.db"), env)
         wait_for_port(port, link)
         first = supernode("supernode-0", 0)
         supernode("supernode-1", 1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import (
     GaussianPrivacyEvent,
@@ -14,6 +13,8 @@ from flwr.serverapp import (
     SamplingMethod,
 )
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
+from harness.models import method_cfg, packed_strategy, tiny_model
+from harness.replies import train_reply
 
 from fedsparse.methods import build_method
 from fedsparse.privacy.dp import ClientSideDp, ServerSideDp, client_mod, local_noise_std, round_record, wrap
@@ -28,16 +29,7 @@ def strategy(app_identity):
 
 
 def _reply(strategy, values: np.ndarray, weight: int) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({"values": Array(values.astype(np.float32))}),
-            "metrics": MetricRecord(
-                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0, "setup-seconds": 0.5}
-            ),
-            "info": ConfigRecord({"fingerprint": strategy.fingerprint}),
-        }
-    )
-    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+    return train_reply(values.astype(np.float32), weight, strategy.fingerprint)
 
 
 def _updates(size: int, seed: int = 0) -> list[np.ndarray]:
