@@ -6,33 +6,19 @@ import json
 
 import pytest
 from harness.federation import tiny
+from harness.loopback import running_superlink
 
-from fedsparse.deploy.loopback import (
-    flower_env,
-    flwr_run,
-    free_port,
-    leftovers,
-    processes,
-    superlink_argv,
-    wait_for_port,
-    write_connection,
-)
+from fedsparse.deploy.loopback import flwr_run
 
 pytestmark = pytest.mark.integration
 
 
 def test_flwr_run_on_a_local_simulation_federation(tmp_path):
-    home, port = tmp_path / "flwr-home", free_port()
-    write_connection(home, "local-sim", port)
-    env = flower_env(home)
     out = tmp_path / "results"
-    with processes(tmp_path, home) as start:
-        link = start("superlink", superlink_argv(port, simulation=True), env)
-        wait_for_port(port, link)
+    with running_superlink(tmp_path, "local-sim", simulation=True) as link:  # stopped, nothing left
         settings = " ".join(tiny(f"output_dir={out}", "run_name=flwr-run"))
-        run = flwr_run("local-sim", settings, env, federation_config="num-supernodes=3")
+        run = flwr_run("local-sim", settings, link.env, federation_config="num-supernodes=3")
         assert run.returncode == 0, run.stdout + run.stderr
-    assert link.poll() is not None and leftovers(home) == []  # everything it started is stopped
     summary = json.loads((out / "flwr-run" / "summary.json").read_text())
     rounds = (out / "flwr-run" / "rounds.jsonl").read_text().splitlines()
     assert summary["method"] == "pafi" and summary["rounds"] == 2 and len(rounds) == 3

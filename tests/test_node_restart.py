@@ -13,18 +13,9 @@ from pathlib import Path
 
 import pytest
 from harness.federation import DEPLOYMENT
+from harness.loopback import running_superlink
 
-from fedsparse.deploy.loopback import (
-    flower_env,
-    flwr_run,
-    free_port,
-    leftovers,
-    processes,
-    superlink_argv,
-    supernode_argv,
-    wait_for_port,
-    write_connection,
-)
+from fedsparse.deploy.loopback import flwr_run, supernode_argv
 
 pytestmark = pytest.mark.integration
 
@@ -62,22 +53,17 @@ def _listed_for(state_db: Path, node_id: int) -> float:
 
 
 def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
-    home, port = tmp_path / "flwr-home", free_port()
-    write_connection(home, "loopback", port)
-    env = flower_env(home)
     out = tmp_path / "results"
     rounds_file = out / "restart" / "rounds.jsonl"
-    with processes(tmp_path, home) as start, ThreadPoolExecutor(1) as pool:
+    with running_superlink(tmp_path, "loopback") as link, ThreadPoolExecutor(1) as pool:
 
         def supernode(name: str, partition: int):
-            return start(name, supernode_argv(port, partition, 2), env)
+            return link.start(name, supernode_argv(link.port, partition, 2), link.env)
 
-        link = start("superlink", superlink_argv(port, tmp_path / "state.db"), env)
-        wait_for_port(port, link)
         first = supernode("supernode-0", 0)
         supernode("supernode-1", 1)
         settings = " ".join([*SETTINGS, f"output_dir={out}", "run_name=restart"])
-        run = pool.submit(flwr_run, "loopback", settings, env)
+        run = pool.submit(flwr_run, "loopback", settings, link.env)
         while len(_lines(rounds_file)) < 2 and not run.done():  # round 0 (initial state), round 1
             time.sleep(0.2)
         # Kill within 15 s of a heartbeat (they come every 17.5-22.5 s, so this waits 7.5 s at
@@ -103,4 +89,3 @@ def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
     assert new != old  # insecure mode: a fresh key pair, so a new node id
     assert f"node {old} did not report its partition id: Error: Node Unavailable" in output
     assert f"node {old} held partition-id=0 and no longer answers: the id passes to node {new}" in output
-    assert leftovers(home) == []

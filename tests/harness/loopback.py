@@ -4,12 +4,27 @@ socket bytes within the accounted bytes plus Flower's overhead, set-up paid per 
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from flwr.cli.build import build_fab_from_disk
 
-from fedsparse.deploy.loopback import ROOT, Deployment, deploy
+from fedsparse.deploy.loopback import (
+    ROOT,
+    Deployment,
+    deploy,
+    flower_env,
+    free_port,
+    leftovers,
+    processes,
+    superlink_argv,
+    wait_for_port,
+    write_connection,
+)
 from fedsparse.deploy.relay import DOWN, UP
 from fedsparse.report.results import read_run
 from harness.federation import DEPLOYMENT
@@ -29,6 +44,36 @@ def deploy_tiny(
     if tls:
         assert done.plaintext is not None and done.plaintext.returncode != 0
     return done
+
+
+@dataclass
+class SuperLink:
+    """A running SuperLink: `connection` in FLWR_HOME `home` points at `port`; `start(name, argv,
+    env)` starts more processes that are stopped with it."""
+
+    home: Path
+    port: int
+    env: dict[str, str]
+    start: Callable[..., subprocess.Popen]
+    process: subprocess.Popen
+
+
+@contextmanager
+def running_superlink(work: Path, connection: str, simulation: bool = False) -> Iterator[SuperLink]:
+    """A plaintext SuperLink on 127.0.0.1 (`simulation`: it runs the federation in its own
+    simulation engine) with its state under `work`; afterwards nothing it started is left."""
+    home, port = work / "flwr-home", free_port()
+    write_connection(home, connection, port)
+    env = flower_env(home)
+    with processes(work, home) as start:
+        link = start(
+            "superlink",
+            superlink_argv(port, None if simulation else work / "state.db", simulation=simulation),
+            env,
+        )
+        wait_for_port(port, link)
+        yield SuperLink(home, port, env, start, link)
+    assert link.poll() is not None and leftovers(home) == []
 
 
 def assert_matches_simulation(deployed: Path, simulated: Path) -> None:
