@@ -31,17 +31,6 @@ BASE = ["+experiment=smoke", "method=pafi", "method.density=0.2", "privacy.secag
 TRAIN_CONFIG = ConfigRecord({"lr": 2e-2, "batch-size": 8, "local-steps": 2, "local-epochs": 0.0})
 
 
-@pytest.fixture(scope="module")
-def identity():
-    """Messages can only be built inside a running app; pose as one (Flower internal API)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _secure_round(overrides: list[str], min_replies: int | None = None):
     """One SecAgg+ round; returns (cfg, grid, what the aggregation received, runner, method).
     `min_replies` is set after validation: a quorum above the clients that reply (the config
@@ -73,7 +62,7 @@ def _secure_round(overrides: list[str], min_replies: int | None = None):
 
 
 @pytest.fixture(scope="module")
-def secure_round(identity):
+def secure_round(module_app_identity):
     return _secure_round(BASE)
 
 
@@ -159,13 +148,13 @@ def test_secagg_in_a_loopback_deployment(tmp_path):
         assert r["train"]["train-loss"] > 0
 
 
-def test_a_secagg_round_below_the_quorum_is_skipped(identity):
+def test_a_secagg_round_below_the_quorum_is_skipped(app_identity):
     _, grid, seen, runner, _ = _secure_round(BASE, min_replies=CLIENTS + 1)
     assert len(grid.trained) == CLIENTS and not seen  # every client trained; nothing was aggregated
     assert f"min_replies={CLIENTS + 1}" in runner.strategy.skipped[1]
 
 
-def test_secagg_checks_max_examples_on_each_client_not_on_the_sum(identity):
+def test_secagg_checks_max_examples_on_each_client_not_on_the_sum(app_identity):
     cfg = compose_config(BASE)
     fed = cfg.federation
     shards = partition_all(

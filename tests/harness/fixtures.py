@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,15 +22,30 @@ def batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
 
 
-@pytest.fixture
-def app_identity():
+@contextmanager
+def posing_as_app() -> Iterator[None]:
     """Messages can only be built inside a running app; pose as one (Flower internal API)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def app_identity():
+    with posing_as_app():
+        yield
+
+
+@pytest.fixture(scope="module")
+def module_app_identity():
+    """`app_identity` for a module's shared fixtures."""
+    with posing_as_app():
+        yield
 
 
 @pytest.fixture(scope="session")
