@@ -66,12 +66,12 @@ def main() -> None:
         grid.trained.append(wire_copy(reply))
         return reply
 
-    def keep(server_round, replies, aggregate=strategy.aggregate_train):
+    def keep(server_round, replies, aggregate=strategy._aggregate):  # what SecAggRunner calls with the sum
         arrays, metrics = aggregate(server_round, replies)
         secure.append(arrays["values"].numpy().astype(np.float64))
         return arrays, metrics
 
-    grid._train, strategy.aggregate_train = train, keep
+    grid._train, strategy._aggregate = train, keep
     runner = SecAggRunner(strategy, cfg, cfg.privacy.secagg_max_weight)
     initial = ArrayRecord({"values": Array(method.initial_state())})
     runner.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=TRAIN_CONFIG)
