@@ -86,3 +86,20 @@ def loopback_deployment(tmp_path_factory) -> Deployment:
     that only reads what it left (its run directory, `flwr run`'s output, its socket bytes).
     A test that changes the deployment (TLS, another method, a node killed) starts its own."""
     return deploy_tiny(tmp_path_factory.mktemp("loopback"))
+
+
+# Fixtures that start a Ray head or Flower processes: a test using one belongs to the integration
+# tier, or `make test-fast` would start them.
+INTEGRATION_FIXTURES = {"shared_ray", "simulated", "loopback_deployment"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    unmarked = [
+        f"{item.nodeid} (uses {', '.join(sorted(INTEGRATION_FIXTURES & set(item.fixturenames)))})"
+        for item in items
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("integration") is None
+        and item.get_closest_marker("containers") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("mark these tests `integration`:\n  " + "\n  ".join(unmarked))
