@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common import bytes_to_ndarray
+from harness.federation import TRAIN_CONFIG_VALUES
 from harness.loopback import deploy_tiny
 
 from fedsparse.apps.inprocess import InProcessGrid, wire_copy
@@ -28,7 +29,7 @@ from fedsparse.run import compose_config
 
 CLIENTS = 3  # the tiny federation's (`+experiment=smoke`), all sampled
 BASE = ["+experiment=smoke", "method=pafi", "method.density=0.2", "privacy.secagg=true"]
-TRAIN_CONFIG = ConfigRecord({"lr": 2e-2, "batch-size": 8, "local-steps": 2, "local-epochs": 0.0})
+TRAIN_CONFIG = ConfigRecord(TRAIN_CONFIG_VALUES)
 
 
 def _secure_round(overrides: list[str], min_replies: int | None = None):

@@ -20,3 +20,6 @@ DEPLOYMENT = tiny(
     "data.max_train_examples=400",
     "method.density=0.05",
 )
+
+# The train config a test server sends with each round (what ServerApp builds from `train.*`).
+TRAIN_CONFIG_VALUES = {"lr": 2e-2, "batch-size": 8, "local-steps": 2, "local-epochs": 0.0}
