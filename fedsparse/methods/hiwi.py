@@ -8,6 +8,16 @@ Two federated packings (`exchange`):
 - `factors`: the adapter factors travel and are averaged (what the design names);
 - `merged`: only p' - p travels (m floats per target), which averages exactly; each round the
   client rebuilds the adapter on top of the received p' (fresh W_up = 0, seeded W_down).
+
+`train_down=false` keeps W_down at its seeded initialisation (only W_up and the head train). With
+`exchange=merged` that keeps the merged exchange from collapsing under federation: a trained W_down
+starting from W_up = 0 gets a tiny gradient that Adam scales up to about lr per entry and step, all
+entries of a column moving together, so h = f(p' W_down) grows by about lr * ||p'||_1 per step
+(0.43 -> 10.9 in one 20-step round on MiniLM) and each client's bias change becomes a large
+(norm ~30), client-specific vector; the clients' changes are orthogonal and their mean is a random
+walk that washes the features out (docs/methods.md, HiWi). With W_down fixed and the same on every
+client, h is the same on every client and averaging the merged changes h W_up is exactly averaging
+W_up.
 """
 
 from __future__ import annotations
@@ -102,6 +112,8 @@ class HiWi(Method):
         return [m.parametrizations[a].original for _, m, a in self.sites]
 
     def parameters(self) -> list[nn.Parameter]:
+        if not self.cfg.get("train_down", True):  # W_down stays the seeded random map
+            return [a.up for a in self.adapters] + self.head
         return [p for a in self.adapters for p in (a.down, a.up)] + self.head
 
     def state_tensors(self) -> list[torch.Tensor]:
