@@ -28,6 +28,12 @@ def cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
+@torch.no_grad()
+def biases(method) -> np.ndarray:
+    """The current (merged) values p' of every adapted parameter, flat."""
+    return torch.cat([getattr(m, a).reshape(-1) for _, m, a in method.sites]).numpy().copy()
+
+
 def run(args) -> None:
     overrides = [
         "method=hiwi",
@@ -54,7 +60,7 @@ def run(args) -> None:
     g = method.initial_state().copy()
     nb = g.size - method.head_size  # merged: bias deltas first, head last
     for r in range(1, args.rounds + 1):
-        vecs, losses = [], []
+        vecs, losses, bias_deltas = [], [], []
         for pid in range(args.clients):
             method.unpack(g)
             if args.exchange == "merged":
@@ -66,6 +72,7 @@ def run(args) -> None:
             else:
                 hnorm = float("nan")
             down0 = [a.down.detach().clone() for a in method.adapters]
+            b_before = biases(method)
             losses.append(
                 train(
                     method,
@@ -88,8 +95,15 @@ def run(args) -> None:
                     flush=True,
                 )
             vecs.append(method.pack())
+            bias_deltas.append(biases(method) - b_before)
         new = np.average(np.stack(vecs), axis=0, weights=weights)
         line = f"round {r}: train loss {np.mean(losses):.3f}"
+        if args.exchange == "factors":  # the change of the merged biases p' each client made
+            pair = np.mean([cos(a, b) for a, b in itertools.combinations(bias_deltas, 2)])
+            line += (
+                f" | bias delta/client {np.mean([np.linalg.norm(x) for x in bias_deltas]):.3f}"
+                f" cos {pair:+.2f} mean {np.linalg.norm(np.average(bias_deltas, axis=0, weights=weights)):.3f}"
+            )
         if args.exchange == "merged":
             d = [v[:nb] - g[:nb] for v in vecs]
             dh = [v[nb:] - g[nb:] for v in vecs]

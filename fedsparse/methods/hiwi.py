@@ -9,15 +9,13 @@ Two federated packings (`exchange`):
 - `merged`: only p' - p travels (m floats per target), which averages exactly; each round the
   client rebuilds the adapter on top of the received p' (fresh W_up = 0, seeded W_down).
 
-`train_down=false` keeps W_down at its seeded initialisation (only W_up and the head train). With
-`exchange=merged` that keeps the merged exchange from collapsing under federation: a trained W_down
-starting from W_up = 0 gets a tiny gradient that Adam scales up to about lr per entry and step, all
-entries of a column moving together, so h = f(p' W_down) grows by about lr * ||p'||_1 per step
-(0.43 -> 10.9 in one 20-step round on MiniLM) and each client's bias change becomes a large
-(norm ~30), client-specific vector; the clients' changes are orthogonal and their mean is a random
-walk that washes the features out (docs/methods.md, HiWi). With W_down fixed and the same on every
-client, h is the same on every client and averaging the merged changes h W_up is exactly averaging
-W_up.
+`train_down=false` keeps W_down at its seeded initialisation (only W_up and the head train). A
+trained W_down starting from W_up = 0 gets a tiny gradient that Adam scales up to about lr per
+entry and step, so h = f(p' W_down) grows by about lr * ||p'||_1 per step (0.43 -> 10.9 in one
+20-step round on MiniLM) and each client's merged change is large (norm ~30) and unrelated to the
+others'; `exchange=merged` repeats this every round and collapses to one class under federation.
+With W_down fixed, the same on every client, all clients share h and averaging the merged changes
+h W_up is exactly averaging W_up (docs/methods.md, HiWi: measurements, and what is still open).
 """
 
 from __future__ import annotations
