@@ -28,6 +28,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 NEUTRAL_SETTINGS = {
     "federation": {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"},
     "train": {"head_lr_scale": 1.0, "precision": "fp32"},
+    "method": {"train_down": True},  # HiWi: W_down trains, as before the setting existed
 }
 # Where a run computes, not what: left out of its training settings (a run resumed or rerun on
 # another device keeps its name; docs/configuration.md, Devices, says what stays bit-identical).

@@ -329,6 +329,59 @@ def test_hiwi_merged_exchange_sends_only_the_parameter_delta(batch):
     np.testing.assert_allclose(receiver.pack(), trained, atol=1e-6)
 
 
+def _hiwi_with_nonzero_biases(**settings):
+    """HiWi on the tiny model, whose FFN biases start at 0 (where h = f(p W_down) = 0 and the
+    adapter gets no gradient): give them MiniLM-like values first."""
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            bias = layer.intermediate.dense.bias
+            bias.copy_(0.15 * torch.randn(bias.shape, generator=gen))
+    return build_method(model, method_cfg("hiwi", exchange="merged", **settings))
+
+
+def _h_l1(method) -> float:
+    with torch.no_grad():
+        return sum(
+            a.act(m.parametrizations[attr].original @ a.down).abs().sum().item()
+            for a, (_, m, attr) in zip(method.adapters, method.sites)
+        )
+
+
+def test_hiwi_trained_down_inflates_the_adapter_from_w_up_zero(batch):
+    """The merged exchange's failure mode (docs/methods.md, HiWi): from W_up = 0, Adam moves every
+    W_down entry by about lr per step whatever its tiny gradient, so h = f(p' W_down) grows by
+    about lr * ||p'||_1 per step; with `train_down=false` h stays the seeded one."""
+    trained, frozen = _hiwi_with_nonzero_biases(), _hiwi_with_nonzero_biases(train_down=False)
+    h0 = _h_l1(trained)
+    assert h0 > 0 and _h_l1(frozen) == pytest.approx(h0)
+    assert {id(p) for p in frozen.parameters()} == {id(a.up) for a in frozen.adapters} | {
+        id(p) for p in frozen.head
+    }
+    for method in (trained, frozen):
+        _train_steps(method, batch, steps=20, lr=3e-3)
+    assert _h_l1(trained) > 3 * h0  # MiniLM, one 20-step round: 0.43 -> 10.9 per layer
+    assert _h_l1(frozen) == pytest.approx(h0)
+
+
+def test_hiwi_frozen_down_merged_average_is_the_average_of_w_up(batch):
+    """With W_down fixed and seeded alike on every client, the clients share h = f(p' W_down), so
+    the mean of their merged changes h W_up_k is the adapter with the mean W_up: averaging the
+    merged vectors is exactly FedAvg of the adapter."""
+    clients = [_hiwi_with_nonzero_biases(train_down=False) for _ in range(2)]
+    swapped = {**batch, "labels": 1 - batch["labels"]}
+    for method, data in zip(clients, (batch, swapped)):
+        _train_steps(method, data, steps=5, lr=3e-3)
+    mean = np.mean([m.pack() for m in clients], axis=0)
+    with torch.no_grad():  # client 0's adapter with the clients' mean W_up and mean head
+        for a0, a1 in zip(clients[0].adapters, clients[1].adapters):
+            a0.up.copy_((a0.up + a1.up) / 2)
+        for h0, h1 in zip(clients[0].head, clients[1].head):
+            h0.copy_((h0 + h1) / 2)
+    np.testing.assert_allclose(clients[0].pack(), mean, atol=1e-6)
+
+
 def test_lora_merges_to_a_stock_model(batch, tmp_path):
     method = build_method(tiny_model(), method_cfg("lora"))
     _train_steps(method, batch)

@@ -8,6 +8,14 @@ Two federated packings (`exchange`):
 - `factors`: the adapter factors travel and are averaged (what the design names);
 - `merged`: only p' - p travels (m floats per target), which averages exactly; each round the
   client rebuilds the adapter on top of the received p' (fresh W_up = 0, seeded W_down).
+
+`train_down=false` keeps W_down at its seeded initialisation (only W_up and the head train). A
+trained W_down starting from W_up = 0 gets a tiny gradient that Adam scales up to about lr per
+entry and step, so h = f(p' W_down) grows by about lr * ||p'||_1 per step (0.43 -> 10.9 in one
+20-step round on MiniLM) and each client's merged change is large (norm ~30) and unrelated to the
+others'; `exchange=merged` repeats this every round and collapses to one class under federation.
+With W_down fixed, the same on every client, all clients share h and averaging the merged changes
+h W_up is exactly averaging W_up (docs/methods.md, HiWi: measurements, and what is still open).
 """
 
 from __future__ import annotations
@@ -102,6 +110,8 @@ class HiWi(Method):
         return [m.parametrizations[a].original for _, m, a in self.sites]
 
     def parameters(self) -> list[nn.Parameter]:
+        if not self.cfg.get("train_down", True):  # W_down stays the seeded random map
+            return [a.up for a in self.adapters] + self.head
         return [p for a in self.adapters for p in (a.down, a.up)] + self.head
 
     def state_tensors(self) -> list[torch.Tensor]:
