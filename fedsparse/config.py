@@ -28,6 +28,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 NEUTRAL_SETTINGS = {
     "federation": {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"},
     "train": {"head_lr_scale": 1.0, "precision": "fp32"},
+    "compression": {"downlink_bits": 0},
 }
 # Where a run computes, not what: left out of its training settings (a run resumed or rerun on
 # another device keeps its name; docs/configuration.md, Devices, says what stays bit-identical).
@@ -111,7 +112,7 @@ def training_settings(cfg: DictConfig) -> dict:
             settings[section].pop(key, None)
     for section, neutrals in NEUTRAL_SETTINGS.items():
         for key, neutral in neutrals.items():
-            if settings[section].get(key, neutral) == neutral:
+            if section in settings and settings[section].get(key, neutral) == neutral:
                 settings[section].pop(key, None)
     if "masked_backward" in settings["method"]:
         # PaFi's backward kernel computes the same gradients whichever it is (up to summation order),
@@ -122,7 +123,8 @@ def training_settings(cfg: DictConfig) -> dict:
         # and the name) is the rate that trains; the defaults were raised to the rates the methods
         # suite chose, so the digest keeps the default the first results were saved with
         settings["method"]["lr"] = SAVED_METHOD_LR[settings["method"]["name"]]
-    if not settings.get("compression", {}).get("enabled", False):
+    c = settings.get("compression", {})
+    if not c.get("enabled", False) and not c.get("downlink_bits", 0):
         settings.pop("compression", None)  # off: trains exactly as before the group existed
     privacy = settings.get("privacy", {})
     if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
@@ -144,6 +146,7 @@ def auto_run_name(cfg: DictConfig) -> str:
         method.name,
         variant,
         f"q{c.bits}{'ef' if c.error_feedback else ''}" if c is not None and c.enabled else None,
+        f"d{c.downlink_bits}" if c is not None and c.get("downlink_bits", 0) else None,
         cfg.task.name,
         f"a{fed.alpha:g}",
         f"lr{cfg.train.lr:g}",

@@ -22,6 +22,8 @@ seeded by (seed, round, partition): the rounding is public, reproducible and res
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 MAGIC = b"FQ"
@@ -30,6 +32,29 @@ HEADER = 12
 BITS = (1, 2, 4, 8)
 KEY = "compressed"  # the array name of a compressed update in a train reply
 _STREAM = 0x51  # tells the rounding generator apart from the clients' other seeded draws
+_DOWN_STREAM = 0x52  # the server's rounding of the downlink delta
+BASE_KEY = "base"  # a compressed downlink's array: the digest of the global its delta applies to
+DIGEST_BYTES = 16
+
+
+def global_digest(values: np.ndarray) -> bytes:
+    """The first 16 bytes of the SHA-256 of a global vector's little-endian float32 bytes: what a
+    compressed downlink names its base by, and what a client reports it holds."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype="<f4").tobytes()).digest()[:DIGEST_BYTES]
+
+
+def downlink_rng(seed: int, server_round: int) -> np.random.Generator:
+    """The server's rounding of round `server_round`'s downlink delta (public, like the uplink's)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(server_round), _DOWN_STREAM]))
+
+
+def apply_delta(
+    base: np.ndarray, wire: np.ndarray, bits: int | None = None, block: int | None = None
+) -> np.ndarray:
+    """The global a compressed downlink stands for: `base` plus the dequantised delta, in float32.
+    The server computes its new global with this same function, so both agree bit for bit."""
+    base = np.asarray(base, dtype=np.float32)
+    return base + decode(wire, base.size, bits, block)
 
 
 def rounding_rng(seed: int, server_round: int, partition: int) -> np.random.Generator:
@@ -150,14 +175,19 @@ def decode(
 def config_problems(cfg) -> list[str]:
     """Settings and combinations a compressed uplink refuses, each with why."""
     c = cfg.get("compression")
-    if c is None or not c.enabled:
+    down = downlink_bits(cfg)
+    if c is None or not (c.enabled or down):
         return []
     problems = []
-    if c.bits not in BITS:
+    if down and down not in BITS:
+        problems.append(f"compression.downlink_bits={down}: use one of {BITS}, or 0 (off)")
+    if c.enabled and c.bits not in BITS:
         problems.append(f"compression.bits={c.bits}: use one of {BITS} (or compression=none)")
     if not 1 <= c.block < 2**32:
         problems.append(f"compression.block={c.block}: must be >= 1")
     p = cfg.get("privacy", {})
+    if not c.enabled:
+        return problems  # a compressed downlink alone works with SecAgg+ and any DP
     if p.get("secagg", False):
         problems.append(
             "compression cannot be used with privacy.secagg=true: SecAgg+ quantises each update to "
@@ -171,3 +201,9 @@ def config_problems(cfg) -> list[str]:
             "codes; use privacy.dp=server (clipped and noised after decompression)"
         )
     return problems
+
+
+def downlink_bits(cfg) -> int:
+    """`compression.downlink_bits`, 0 (off, every downlink the full float32 vector) when absent."""
+    c = cfg.get("compression")
+    return 0 if c is None else int(c.get("downlink_bits", 0) or 0)
