@@ -158,8 +158,12 @@ def auto_run_name(cfg: DictConfig) -> str:
 
 def run_key(cfg: DictConfig) -> str:
     """A digest of the run's training settings and name: what keys a client's state between rounds
-    (the error-feedback residual), so two runs never share it and a resumed run finds its own."""
-    blob = json.dumps({"settings": training_settings(cfg), "run_name": cfg.run_name}, sort_keys=True)
+    (the error-feedback residual, the globals of a compressed downlink), so two runs never share
+    it and a resumed run finds its own, also one resumed with more rounds."""
+    settings = training_settings(cfg)
+    for key in ("rounds", "wait_timeout"):  # a resumed run may change them (run.RESUMABLE)
+        settings["federation"].pop(key, None)
+    blob = json.dumps({"settings": settings, "run_name": cfg.run_name}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

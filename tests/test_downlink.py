@@ -218,3 +218,12 @@ def test_downlink_bytes_follow_the_formula(app_identity, store_dir, monkeypatch)
         assert 0 <= entry["bytes"] - (base_only[0] + payload) < 256, (entry["bytes"], base_only, payload)
     up = [e["bytes"] for e in train[2] if e["direction"] == "up"]
     print(f"{n:,} values: round-1 down {base_only}, round-2 down {[e['bytes'] for e in delta]}, up {up}")
+
+
+def test_the_run_key_survives_a_resume_with_more_rounds():
+    """A resumed run may change its rounds (run.RESUMABLE): its clients must find their residuals
+    and globals under the same key."""
+    a = compose_config(OVERRIDES + ["federation.rounds=2"])
+    b = compose_config(OVERRIDES + ["federation.rounds=5", "federation.wait_timeout=60"])
+    assert run_key(a) == run_key(b)
+    assert run_key(a) != run_key(compose_config(OVERRIDES + ["compression.downlink_bits=2"]))
