@@ -11,12 +11,12 @@ from test_secagg import TRAIN_CONFIG, InProcessGrid
 
 from fedsparse.apps import client_state, client_train
 from fedsparse.apps.server_app import make_strategy
-from fedsparse.config import run_key
+from fedsparse.config import compose, run_key
 from fedsparse.federation import compression
 from fedsparse.federation.accounting import CommLedger
 from fedsparse.methods import build_method
 from fedsparse.methods.model import load_model
-from fedsparse.run import compose_config
+from fedsparse.run import compose_config, problems
 
 OVERRIDES = [
     "model=tiny",
@@ -227,3 +227,39 @@ def test_the_run_key_survives_a_resume_with_more_rounds():
     b = compose_config(OVERRIDES + ["federation.rounds=5", "federation.wait_timeout=60"])
     assert run_key(a) == run_key(b)
     assert run_key(a) != run_key(compose_config(OVERRIDES + ["compression.downlink_bits=2"]))
+
+
+def test_config_names_the_downlink_and_refuses_central_dp_and_secagg():
+    base = ["model=tiny", "compression=both", "run_name=auto"]
+    cfg = compose_config(base)
+    assert problems(cfg) == [] and "-q4ef-d4-" in cfg.run_name
+    alone = compose_config(["model=tiny", "compression=none", "compression.downlink_bits=2", "run_name=auto"])
+    assert problems(alone) == [] and "-d0.005-d2-sst2-" in alone.run_name
+    assert "-q4ef-sst2-" in compose_config(["model=tiny", "compression=uplink", "run_name=auto"]).run_name
+    down = ["model=tiny", "compression=none", "compression.downlink_bits=4"]
+    for extra, why in [
+        (
+            ["privacy.secagg=true", "federation.clients_per_round=2"],
+            "downlink_bits cannot be used with privacy.secagg",
+        ),
+        (["privacy.dp=server"], "downlink_bits cannot be used with privacy.dp=server"),
+        (["privacy.dp=client"], "downlink_bits cannot be used with privacy.dp=client"),
+        (["compression.downlink_bits=3"], "compression.downlink_bits=3"),
+    ]:
+        found = problems(compose(down + extra))
+        assert any(why in p for p in found), found
+    assert not [p for p in problems(compose(down + ["privacy.dp=local"])) if "compression" in p]
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_server_optimisers_broadcast_exactly_their_global(app_identity, store_dir, monkeypatch, strategy):
+    """FedAvgM's and FedAdam's steps are quantised like FedAvg's mean: the clients rebuild the
+    server's global bit for bit, and the final global is the last broadcast delta applied."""
+    cfg = compose_config(OVERRIDES + [f"federation.strategy={strategy}"])
+    _kill()
+    rec = Recorder(monkeypatch)
+    final, s = _federate(cfg, rec, 3, 0, _start(cfg))
+    for (_, _, _, server), client in zip(rec.sent, rec.rebuilt, strict=True):
+        np.testing.assert_array_equal(client, server)
+    assert "delta" in {k for _, _, k, _ in rec.sent}
+    assert compression.global_digest(final) == s.pending[2]

@@ -1,4 +1,7 @@
-"""Compressed uplink: an update quantised to `bits` per value with one float32 scale per block.
+"""Compressed uplink and downlink: an update quantised to `bits` per value with one float32 scale
+per block. A compressed downlink (`downlink_bits`) carries the same array for the change of the
+global, next to the 16-byte digest (`global_digest`) of the global it applies to (`base`); the
+server's new global is `apply_delta(previous, array)` (docs/methods.md, Compressed downlink).
 
 Wire format, one uint8 array per reply (key `compressed`, in place of `values`):
 
@@ -186,8 +189,18 @@ def config_problems(cfg) -> list[str]:
     if not 1 <= c.block < 2**32:
         problems.append(f"compression.block={c.block}: must be >= 1")
     p = cfg.get("privacy", {})
+    if down and p.get("secagg", False):
+        problems.append(
+            "compression.downlink_bits cannot be used with privacy.secagg=true: the SecAgg+ runner "
+            "does not read the clients' reports of the global they hold (untested; off)"
+        )
+    if down and p.get("dp", "none") in ("server", "client"):
+        problems.append(
+            f"compression.downlink_bits cannot be used with privacy.dp={p.dp}: the DP wrapper adds "
+            "its noise after the strategy quantised the global, so the clients could not rebuild it"
+        )
     if not c.enabled:
-        return problems  # a compressed downlink alone works with SecAgg+ and any DP
+        return problems
     if p.get("secagg", False):
         problems.append(
             "compression cannot be used with privacy.secagg=true: SecAgg+ quantises each update to "
