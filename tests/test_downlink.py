@@ -153,6 +153,11 @@ def test_a_client_without_the_base_refuses_and_then_gets_the_full_vector(store_d
     path.unlink()  # missing
     with pytest.raises(RuntimeError, match="missing or corrupted"):
         client_state.downlink(cfg, method, arrays, config, 0)
+    # a full vector keeps the globals the node held before (the server may still send a delta)
+    before = store.newest(1)  # the global rebuilt above
+    assert len(before) == 1
+    g2 = client_state.downlink(cfg, method, {"values": g1 + 2}, config, 0)
+    assert before | {compression.global_digest(g2)} == store.newest(3)
     # the initial global needs no store: the client computes it
     arrays = {compression.BASE_KEY: np.frombuffer(compression.global_digest(g0), np.uint8)}
     np.testing.assert_array_equal(client_state.downlink(cfg, method, arrays, config, 1), g0)

@@ -130,6 +130,13 @@ class GlobalStore:
             return None
         return values if compression.global_digest(values) == digest else None
 
+    def newest(self, count: int) -> set[bytes]:
+        """The digests of the `count` most recently written globals."""
+        files = (
+            sorted(self.dir.glob("*.npy"), key=lambda p: p.stat().st_mtime_ns) if self.dir.is_dir() else []
+        )
+        return {bytes.fromhex(p.stem) for p in files[-count:]}
+
     def save(self, values: np.ndarray, keep: set[bytes]) -> None:
         """Store `values` and delete every other global but those in `keep` (the base it was
         rebuilt from: a rerun of this round after a kill sends the same delta against it)."""
@@ -162,7 +169,9 @@ def downlink(cfg: DictConfig, method: Method, arrays: dict, config, partition: i
     store = GlobalStore(str(config[RUN_KEY]), partition)
     if compression.BASE_KEY not in arrays:
         received = method.decode(arrays).astype(np.float32, copy=False)
-        store.save(received, keep=set())
+        # keep the two newest globals too: the server may still send a delta against the one this
+        # node last reported (e.g. after a client-side evaluation sent it the full vector)
+        store.save(received, keep=store.newest(2))
         return received
     base = np.asarray(arrays[compression.BASE_KEY], np.uint8).tobytes()
     held = store.load(base)
