@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test` (`make test-fast`: the unit tier).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-containers clean
+.PHONY: install demo test test-fast test-containers clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=20
+
+# The unit tier while working: no Ray simulation, no Flower process, no container (markers in pyproject.toml).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q --durations=10 -m "not integration and not containers"
 
 # Only the compose stack in real containers (root; starts its own dockerd; see docs/deployment.md).
 test-containers: $(STAMP)

@@ -1,7 +1,7 @@
 """SecAgg+ bytes and quantisation error at the demo's scale, in seconds (no training).
 
 One SecAgg+ round of PaFi on MiniLM (53,854 values) with N clients, through the real server
-bridge and client mods on the in-memory grid of tests/test_secagg.py (every message serialized
+bridge and client mods on fedsparse.apps.inprocess's in-memory grid (every message serialized
 as a deployment would). Training is replaced by a random update (std 0.01) and a random
 num-examples in 1000..9999, since neither bytes nor the quantisation bound depend on training.
 Compares with plain FedAvg of the very same replies.
@@ -12,24 +12,23 @@ Compares with plain FedAvg of the very same replies.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
+from common import write_result
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fedsparse.apps.inprocess import InProcessGrid, wire_copy
+from fedsparse.apps.server_app import make_strategy
+from fedsparse.federation.accounting import CommLedger, wire_bytes
+from fedsparse.methods import build_method
+from fedsparse.methods.model import load_model
+from fedsparse.privacy.secagg import SecAggRunner
+from fedsparse.run import compose_config
 
-import test_secagg as harness  # noqa: E402
-from common import write_result  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-
-from fedsparse.apps.server_app import make_strategy  # noqa: E402
-from fedsparse.federation.accounting import CommLedger, wire_bytes  # noqa: E402
-from fedsparse.methods import build_method  # noqa: E402
-from fedsparse.methods.model import load_model  # noqa: E402
-from fedsparse.privacy.secagg import SecAggRunner  # noqa: E402
-from fedsparse.run import compose_config  # noqa: E402
+# what the ServerApp sends with each TRAIN message (the values do not matter: training is replaced)
+TRAIN_CONFIG = ConfigRecord({"lr": 2e-2, "batch-size": 8, "local-steps": 2, "local-epochs": 0.0})
 
 
 def main() -> None:
@@ -39,12 +38,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     n = parser.parse_args().clients
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # messages outside an app
-    harness.CLIENTS = n
     fed = [f"federation.num_clients={n}", f"federation.clients_per_round={n}"]
     cfg = compose_config([*fed, "privacy.secagg=true", "privacy.secagg_max_weight=10000"])
     method = build_method(load_model(cfg.model.name, 2, cfg.seed), cfg.method)
     strategy = make_strategy(cfg, method, CommLedger(method.head_size))
-    grid, rng, secure = harness.InProcessGrid(cfg), np.random.default_rng(0), []
+    grid, rng, secure = InProcessGrid(cfg), np.random.default_rng(0), []
 
     def train(msg: Message, _ctxt) -> Message:
         values = msg.content["arrays"]["values"].numpy()
@@ -65,21 +63,21 @@ def main() -> None:
             }
         )
         reply = Message(content=content, reply_to=msg)
-        grid.trained.append(harness._copy(reply))
+        grid.trained.append(wire_copy(reply))
         return reply
 
-    def keep(server_round, replies, aggregate=strategy.aggregate_train):
+    def keep(server_round, replies, aggregate=strategy._aggregate):  # what SecAggRunner calls with the sum
         arrays, metrics = aggregate(server_round, replies)
         secure.append(arrays["values"].numpy().astype(np.float64))
         return arrays, metrics
 
-    grid._train, strategy.aggregate_train = train, keep
+    grid._train, strategy._aggregate = train, keep
     runner = SecAggRunner(strategy, cfg, cfg.privacy.secagg_max_weight)
     initial = ArrayRecord({"values": Array(method.initial_state())})
-    runner.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=harness.TRAIN_CONFIG)
+    runner.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=TRAIN_CONFIG)
     plain = make_strategy(cfg, method, CommLedger(method.head_size))
     plain.global_values = method.initial_state()
-    expected, _ = plain.aggregate_train(1, [harness._copy(r) for r in grid.trained])
+    expected, _ = plain.aggregate_train(1, [wire_copy(r) for r in grid.trained])
     error = np.abs(secure[0] - expected["values"].numpy())
     record, summary = runner.round_record(1), strategy.ledger.summary(1)
     plain_up = float(np.mean([wire_bytes(r) for r in grid.trained]))

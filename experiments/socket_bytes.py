@@ -1,10 +1,11 @@
 """Socket bytes vs the project's per-message accounting, on a loopback deployment.
 
-Runs the deployment of tests/test_deployment.py (a real SuperLink and two SuperNodes on
-127.0.0.1, `flwr run`, tiny model, 2 rounds) for PaFi and full fine-tuning, plain and TLS, with
-the SuperNodes connected through fedsparse.deploy.relay. Per round and direction it prints the bytes the
-ledger accounts (`message_to_proto(m).ByteSize()` summed over the round's messages, rounds.jsonl
-`comm`) and the bytes that crossed the SuperNode <-> SuperLink sockets. A few minutes per run.
+Runs fedsparse.deploy.loopback's deployment (a real SuperLink and two SuperNodes on
+127.0.0.1, `flwr run`, tiny model, 2 rounds: the run of tests/test_deployment.py) for PaFi and
+full fine-tuning, plain and TLS, with the SuperNodes connected through fedsparse.deploy.relay.
+Per round and direction it prints the bytes the ledger accounts
+(`message_to_proto(m).ByteSize()` summed over the round's messages, rounds.jsonl `comm`) and
+the bytes that crossed the SuperNode <-> SuperLink sockets. A few minutes per run.
 
     python experiments/socket_bytes.py [--rounds 2]
 """
@@ -14,20 +15,26 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import write_result
 
-import test_deployment as harness  # noqa: E402
-from common import write_result  # noqa: E402
-
-from fedsparse.deploy.relay import DOWN, UP  # noqa: E402
-from fedsparse.report.results import read_run  # noqa: E402
+from fedsparse.deploy.loopback import ROOT, deploy
+from fedsparse.deploy.relay import DOWN, UP
+from fedsparse.report.results import read_run
 
 OUT = Path(__file__).parent / "results" / "socket_bytes.md"
+# The tiny federation (`+experiment=smoke`, 32 dev examples) on two SuperNodes, both sampled:
+# the tests' loopback deployment (DEPLOYMENT in tests/harness/federation.py).
+SETTINGS = [
+    "+experiment=smoke",
+    "data.max_eval_examples=32",
+    "federation.num_clients=2",
+    "federation.clients_per_round=2",
+    "data.max_train_examples=400",
+]
 
 
 def accounted(record: dict, direction: str) -> int:
@@ -50,16 +57,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         certs = Path(tmp) / "certificates"
         subprocess.run(
-            ["bash", str(harness.ROOT / "scripts" / "generate-certs.sh"), str(certs)],
+            ["bash", str(ROOT / "scripts" / "generate-certs.sh"), str(certs)],
             check=True,
             capture_output=True,
         )
         for method in ("pafi", "full"):
             for tls in (None, certs):
                 work = Path(tempfile.mkdtemp(dir=tmp))
-                extra = ("method=full",) if method == "full" else ()
+                extra = ["method=full"] if method == "full" else ["method.density=0.05"]
                 start = time.time()
-                run, windows = harness.deploy_measured(work, tls=tls, rounds=rounds, extra=extra)
+                done = deploy(work, [*SETTINGS, f"federation.rounds={rounds}", *extra], tls=tls)
+                if done.run.returncode != 0:
+                    raise SystemExit(done.run.stdout + done.run.stderr)
+                run, windows = done.run_dir, done.socket
                 print(f"{method} {'TLS' if tls else 'plain'}: {time.time() - start:.0f} s", flush=True)
                 _, records, _ = read_run(run)
                 names = ["start (register, round 0)"] + [f"round {r}" for r in range(1, rounds + 1)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import method_cfg, tiny_model
+from harness.models import method_cfg, tiny_model
 from omegaconf import OmegaConf
 
 from fedsparse.apps.client_train import _shard, client_shard, shard_entry

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from harness.federation import TRAIN_CONFIG_VALUES
+from harness.models import method_cfg, packed_strategy, tiny_model
 from omegaconf import OmegaConf
-from test_secagg import TRAIN_CONFIG, InProcessGrid
 
 from fedsparse.apps import client_state, client_train
+from fedsparse.apps.inprocess import InProcessGrid
 from fedsparse.apps.server_app import make_strategy
 from fedsparse.config import compose, run_key
 from fedsparse.federation import compression
@@ -227,7 +228,7 @@ def _federate(cfg, grid, rounds: int, offset: int, start: np.ndarray):
     method = client_train.client_method(cfg)
     strategy = make_strategy(cfg, method, CommLedger(method.head_size))
     strategy.round_offset = offset
-    config = ConfigRecord(dict(TRAIN_CONFIG) | {client_state.RUN_KEY: run_key(cfg)})
+    config = ConfigRecord(dict(TRAIN_CONFIG_VALUES) | {client_state.RUN_KEY: run_key(cfg)})
     grid.received = []
     result = strategy.start(
         grid=grid,
@@ -317,7 +318,7 @@ def test_reply_bytes_follow_the_formula(app_identity, store_dir, bits):
     method = client_train.client_method(cfg)
     g = method.initial_state()
     config = ConfigRecord(
-        dict(TRAIN_CONFIG)
+        dict(TRAIN_CONFIG_VALUES)
         | {"fingerprint": method.fingerprint(), "server-round": 1, client_state.RUN_KEY: "x"}
     )
     content = RecordDict({"arrays": ArrayRecord({"values": Array(g)}), "config": config})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
@@ -48,6 +49,13 @@ def test_pyproject_declares_only_the_bridge_key():
         "serverapp": "fedsparse.apps.server_app:app",
         "clientapp": "fedsparse.apps.client_app:app",
     }
+    # and each names the app Flower will load (`flwr run` resolves module:attribute the same way)
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    for key, kind in (("serverapp", ServerApp), ("clientapp", ClientApp)):
+        module, attribute = flwr["components"][key].split(":")
+        assert isinstance(getattr(importlib.import_module(module), attribute), kind), key
 
 
 @pytest.mark.parametrize(

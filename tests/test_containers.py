@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from containers import (
+from harness.compose import parsed, services
+from harness.containers import (
     build_image,
     compose,
     debian_mirror,
@@ -27,11 +28,11 @@ from containers import (
     image_size,
     unavailable,
 )
-from flower_procs import ROOT, flower_env, flwr_run, write_connection
-from test_compose import parsed, services
-from test_deployment import OVERRIDES, _assert_matches_simulation, simulated  # noqa: F401 (fixture)
+from harness.federation import DEPLOYMENT
+from harness.loopback import assert_matches_simulation
 
 from fedsparse.deploy.compose import FILES, write_compose
+from fedsparse.deploy.loopback import ROOT, flower_env, flwr_run, write_connection
 
 FIGURES = ROOT / "outputs" / "containers"
 
@@ -79,7 +80,9 @@ def _stack(tmp_path: Path, daemon: dict, tls: bool) -> dict:
         compose(env, files, "up", "-d", "--no-build", "--wait", "--wait-timeout", "180")
         figures["stack_up_s"] = round(time.monotonic() - start, 1)
         start = time.monotonic()
-        overrides = " ".join(OVERRIDES + ["output_dir=/app/results", "run_name=deployed"])
+        overrides = " ".join(
+            [*DEPLOYMENT, "federation.rounds=2", "output_dir=/app/results", "run_name=deployed"]
+        )
         run = flwr_run("docker", overrides, flower_env(home), timeout=900)
         figures["flwr_run_s"] = round(time.monotonic() - start, 1)
         if run.returncode != 0 or "[round 2/2]" not in run.stdout:
@@ -96,10 +99,11 @@ def _stack(tmp_path: Path, daemon: dict, tls: bool) -> dict:
     return figures
 
 
+@pytest.mark.containers
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
-def test_compose_stack_in_containers_matches_simulation(tmp_path, daemon, simulated, tls):  # noqa: F811
+def test_compose_stack_in_containers_matches_simulation(tmp_path, daemon, simulated, tls):
     _stack(tmp_path, daemon, tls)
-    _assert_matches_simulation(tmp_path / "deployed", simulated)
+    assert_matches_simulation(tmp_path / "deployed", simulated)
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])

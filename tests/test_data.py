@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import numpy as np
 import pytest
-from conftest import SHARED_GLUE
+from harness.models import SHARED_GLUE
 
 from fedsparse.data.glue import format_label_histograms, label_histograms, load_glue, partition, partition_all
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import method_cfg, tiny_model
+from harness.models import method_cfg, tiny_model
 
 from fedsparse.apps.client_train import client_device
 from fedsparse.apps.simulation import backend_config, client_gpu_problem

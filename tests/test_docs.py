@@ -17,6 +17,7 @@ file to one of its headings (GitHub's slugs).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import shlex
@@ -166,13 +167,24 @@ def test_documented_command_is_valid(command: Command):
         files = [Path(spec.origin)]
         if spec.submodule_search_locations:  # a package run by its __main__: its modules' options
             files = sorted(Path(spec.origin).parent.glob("*.py"))
-        source = "".join(f.read_text() for f in files)
     else:
         path = REPO / command.target
         assert path.is_file(), f"{command.where}: no script {command.target}"
-        source = path.read_text()
+        files = [path]
+    options = set().union(*(_options(f) for f in files))
     for flag in (a.split("=", 1)[0] for a in command.args if a.startswith("--")):
-        assert f'"{flag}"' in source, f"{command.where}: {command.target} has no option {flag}"
+        assert flag in options, f"{command.where}: {command.target} has no option {flag}"
+
+
+def _options(path: Path) -> set[str]:
+    """The option strings a file's argparse parsers declare (`add_argument("--x", ...)`)."""
+    return {
+        arg.value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument"
+        for arg in node.args
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("--")
+    }
 
 
 def slug(heading: str) -> str:

@@ -6,25 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from harness.federation import tiny
 
 from fedsparse.apps.simulation import run_simulation
 from fedsparse.run import compose_config
 
-pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]  # one Ray head (harness)
 
 # With seed 0 and fail_rate 0.3, exactly partition 2 fails, in round 1 only (faults.maybe_fail).
-OVERRIDES = [
-    "model=tiny",
-    "seed=0",
-    "federation.num_clients=3",
-    "federation.clients_per_round=3",
-    "federation.fail_rate=0.3",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=300",
-    "data.max_eval_examples=32",
-    "data.max_length=32",
-]
+OVERRIDES = tiny("seed=0", "federation.fail_rate=0.3", "data.max_train_examples=300")
 
 
 def _run(tmp_path, *overrides: str) -> tuple[list[dict], dict]:

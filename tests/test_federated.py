@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_GLUE
+from harness.federation import tiny
+from harness.models import SHARED_GLUE
 
 from fedsparse.apps.simulation import run_simulation
 from fedsparse.federation.strategy import PackedStrategy
@@ -16,20 +18,9 @@ from fedsparse.methods.model import load_model
 from fedsparse.report.results import read_run
 from fedsparse.run import compose_config
 
-pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("shared_ray")]  # one Ray head (harness)
 
-BASE = [
-    "model=tiny",
-    "federation.num_clients=3",
-    "federation.clients_per_round=3",
-    "federation.rounds=2",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=600",
-    "data.max_eval_examples=32",
-    "data.max_length=32",
-    "federation.client_cpus=1",
-]
+BASE = tiny("federation.client_cpus=1")
 # a budget large enough that the head and the message header do not dominate the payload
 METHOD_OPTIONS = {"pafi": ["method.density=0.2"], "topk": ["method.density=0.2"]}
 
@@ -197,9 +188,14 @@ def test_report_compares_runs_and_writes_plots(runs, tmp_path, capsys):
     from fedsparse.report.cli import main as report_main
 
     report_main([str(path) for _, path in runs.values()] + ["--out", str(tmp_path)])
-    table = capsys.readouterr().out
-    for name in runs:
-        assert f"\n{name}" in table or table.startswith(name) or f" {name}" in table
+    lines = capsys.readouterr().out.splitlines()  # the run table first: one row per run
+    header = re.split(r"\s{2,}", lines[0].strip())
+    rows = [dict(zip(header, re.split(r"\s{2,}", line.strip()))) for line in lines[2 : 2 + len(runs)]]
+    for name, (_, path) in runs.items():  # each run's row carries that run's own figures
+        summary = json.loads((path / "summary.json").read_text())
+        (row,) = [r for r in rows if r["method"] == name or r["method"].startswith(f"{name}[")]
+        assert row["task"] == "sst2" and row["values/msg"] == f"{summary['values_per_message']:,}"
+        assert row["final metric"] == f"{summary['final'][summary.get('metric') or 'accuracy']:.4f}"
     for png in ("bytes_per_round.png", "metric_vs_bytes.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -4,55 +4,21 @@ from __future__ import annotations
 
 import json
 
-from flower_procs import (
-    BIN,
-    flower_env,
-    flwr_run,
-    free_port,
-    leftovers,
-    processes,
-    wait_for_port,
-    write_connection,
-)
+import pytest
+from harness.federation import tiny
+from harness.loopback import running_superlink
 
-OVERRIDES = (
-    "model=tiny federation.num_clients=3 federation.clients_per_round=3 federation.rounds=2 "
-    "train.local_steps=2 train.batch_size=8 data.max_train_examples=600 "
-    "data.max_eval_examples=32 data.max_length=32"
-)
+from fedsparse.deploy.loopback import flwr_run
+
+pytestmark = pytest.mark.integration
 
 
 def test_flwr_run_on_a_local_simulation_federation(tmp_path):
-    home, port = tmp_path / "flwr-home", free_port()
-    write_connection(home, "local-sim", port)
-    env = flower_env(home)
     out = tmp_path / "results"
-    with processes(tmp_path, home) as start:
-        link = start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--simulation",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--disable-runtime-dependency-installation",
-            ],
-            env,
-        )
-        wait_for_port(port, link)
-        run = flwr_run(
-            "local-sim",
-            f"{OVERRIDES} output_dir={out} run_name=flwr-run",
-            env,
-            federation_config="num-supernodes=3",
-        )
+    with running_superlink(tmp_path, "local-sim", simulation=True) as link:  # stopped, nothing left
+        settings = " ".join(tiny(f"output_dir={out}", "run_name=flwr-run"))
+        run = flwr_run("local-sim", settings, link.env, federation_config="num-supernodes=3")
         assert run.returncode == 0, run.stdout + run.stderr
-    assert link.poll() is not None and leftovers(home) == []  # everything it started is stopped
     summary = json.loads((out / "flwr-run" / "summary.json").read_text())
     rounds = (out / "flwr-run" / "rounds.jsonl").read_text().splitlines()
     assert summary["method"] == "pafi" and summary["rounds"] == 2 and len(rounds) == 3

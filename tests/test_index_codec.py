@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import method_cfg, packed_strategy, tiny_model
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from harness.models import method_cfg, packed_strategy, tiny_model
+from harness.replies import train_reply
 
 from fedsparse.federation.accounting import CommLedger, message_sizes
 from fedsparse.federation.strategy import PackedFedAvg
@@ -219,19 +219,6 @@ def _topk_strategy(encoding: str) -> PackedFedAvg:
     )
 
 
-def _reply(wire: dict[str, np.ndarray], weight: float, fingerprint: str) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
-            "metrics": MetricRecord(
-                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0, "setup-seconds": 0.5}
-            ),
-            "info": ConfigRecord({"fingerprint": fingerprint}),
-        }
-    )
-    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
-
-
 def _round(encoding: str, locals_: list[np.ndarray], bad: bool = True):
     """One round of two good top-k replies (weights 10 and 30) and, if `bad`, three broken ones;
     the replies are also measured into a ledger, as the server's grid measures them."""
@@ -250,7 +237,7 @@ def _round(encoding: str, locals_: list[np.ndarray], bad: bool = True):
             {"values": w["values"][1:], "indices": w["indices"]},
             {"values": w["values"], "indices": foreign},
         ]
-    replies = [_reply(w, weight, strat.fingerprint) for w, weight in zip(wires, (10, 30, 5, 5, 5))]
+    replies = [train_reply(w, weight, strat.fingerprint) for w, weight in zip(wires, (10, 30, 5, 5, 5))]
     ledger = CommLedger(method.head_size)
     for reply, size in zip(replies, message_sizes(replies)):
         ledger.add(1, "train", "up", 0, size, reply.content)

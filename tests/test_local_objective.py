@@ -7,8 +7,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import method_cfg, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from harness.models import method_cfg, tiny_model
 
 from fedsparse.apps.server_app import make_strategy
 from fedsparse.config import training_settings

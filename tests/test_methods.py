@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import method_cfg, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from harness.models import CONF, method_cfg, tiny_model
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
@@ -87,18 +87,19 @@ def test_pafi_random_select_is_seeded():
 
 
 FINGERPRINT_SCRIPT = """
-import sys; sys.path.insert(0, {tests!r})
-from conftest import method_cfg, tiny_model
+from omegaconf import OmegaConf
 from fedsparse.methods import build_method
-print(build_method(tiny_model(), method_cfg("pafi", density=0.05)).fingerprint())
+from fedsparse.methods.model import TINY_BERT, load_model
+cfg = OmegaConf.merge(OmegaConf.load({conf!r}), {{"density": 0.05}})
+print(build_method(load_model(TINY_BERT, 2, seed=0), cfg).fingerprint())
 """
 
 
 def test_fingerprint_is_identical_across_processes():
-    tests = str(__import__("pathlib").Path(__file__).parent)
+    conf = str(CONF / "method" / "pafi.yaml")  # what method_cfg("pafi", density=0.05) loads
     prints = [
         subprocess.run(
-            [sys.executable, "-c", FINGERPRINT_SCRIPT.format(tests=tests)],
+            [sys.executable, "-c", FINGERPRINT_SCRIPT.format(conf=conf)],
             capture_output=True,
             text=True,
             check=True,

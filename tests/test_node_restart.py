@@ -11,35 +11,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flower_procs import (
-    BIN,
-    flower_env,
-    flwr_run,
-    free_port,
-    leftovers,
-    processes,
-    wait_for_port,
-    write_connection,
-)
+import pytest
+from harness.federation import DEPLOYMENT
+from harness.loopback import running_superlink
+
+from fedsparse.deploy.loopback import flwr_run, supernode_argv
+
+pytestmark = pytest.mark.integration
 
 # Seed 4 draws partition 0, then 1, then 0 (one client of two per round). Partition 0 trains in
 # round 1; its node is then killed and restarted while partition 1 trains in round 2. The next
 # partition-id discovery (when round 2 draws its evaluate clients, or when round 3 starts) meets
 # the new node's claim while the SuperLink still lists the dead holder, so the restart rule
 # decides, and partition 0 trains on the new node in round 3.
-SETTINGS = [  # tests/test_deployment.py's run, one client per round
-    "model=tiny",
+SETTINGS = [  # the loopback deployment's run (harness.federation), one client per round
+    *DEPLOYMENT,
     "seed=4",
-    "federation.num_clients=2",
     "federation.clients_per_round=1",
     "federation.rounds=3",
     "federation.round_timeout=120",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=400",
-    "data.max_eval_examples=32",
-    "data.max_length=32",
-    "method.density=0.05",
 ]
 
 
@@ -63,40 +53,17 @@ def _listed_for(state_db: Path, node_id: int) -> float:
 
 
 def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
-    home, port = tmp_path / "flwr-home", free_port()
-    write_connection(home, "loopback", port)
-    env = flower_env(home)
     out = tmp_path / "results"
     rounds_file = out / "restart" / "rounds.jsonl"
-    with processes(tmp_path, home) as start, ThreadPoolExecutor(1) as pool:
+    with running_superlink(tmp_path, "loopback") as link, ThreadPoolExecutor(1) as pool:
 
         def supernode(name: str, partition: int):
-            config = f"partition-id={partition} num-partitions=2"
-            argv = ["--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port())]
-            return start(name, [str(BIN / "flower-supernode"), *argv, "--node-config", config], env)
+            return link.start(name, supernode_argv(link.port, partition, 2), link.env)
 
-        link = start(
-            "superlink",
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--isolation",
-                "subprocess",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--database",
-                str(tmp_path / "state.db"),
-                "--disable-runtime-dependency-installation",
-            ],
-            env,
-        )
-        wait_for_port(port, link)
         first = supernode("supernode-0", 0)
         supernode("supernode-1", 1)
         settings = " ".join([*SETTINGS, f"output_dir={out}", "run_name=restart"])
-        run = pool.submit(flwr_run, "loopback", settings, env)
+        run = pool.submit(flwr_run, "loopback", settings, link.env)
         while len(_lines(rounds_file)) < 2 and not run.done():  # round 0 (initial state), round 1
             time.sleep(0.2)
         # Kill within 15 s of a heartbeat (they come every 17.5-22.5 s, so this waits 7.5 s at
@@ -122,4 +89,3 @@ def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
     assert new != old  # insecure mode: a fresh key pair, so a new node id
     assert f"node {old} did not report its partition id: Error: Node Unavailable" in output
     assert f"node {old} held partition-id=0 and no longer answers: the id passes to node {new}" in output
-    assert leftovers(home) == []

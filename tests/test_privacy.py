@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import method_cfg, packed_strategy, tiny_model
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import (
     GaussianPrivacyEvent,
@@ -13,7 +12,8 @@ from flwr.serverapp import (
     RdpAccountant,
     SamplingMethod,
 )
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
+from harness.models import method_cfg, packed_strategy, tiny_model
+from harness.replies import train_reply
 
 from fedsparse.methods import build_method
 from fedsparse.privacy.dp import ClientSideDp, ServerSideDp, client_mod, local_noise_std, round_record, wrap
@@ -28,16 +28,7 @@ def strategy(app_identity):
 
 
 def _reply(strategy, values: np.ndarray, weight: int) -> Message:
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({"values": Array(values.astype(np.float32))}),
-            "metrics": MetricRecord(
-                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0, "setup-seconds": 0.5}
-            ),
-            "info": ConfigRecord({"fingerprint": strategy.fingerprint}),
-        }
-    )
-    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+    return train_reply(values.astype(np.float32), weight, strategy.fingerprint)
 
 
 def _updates(size: int, seed: int = 0) -> list[np.ndarray]:
@@ -155,20 +146,6 @@ def test_client_mods_clip_and_local_dp_noises_with_the_configured_std(app_identi
     assert abs(noise.std() / local_noise_std(local) - 1) < 0.03
     record = round_record(local, None, 3)["privacy"]
     assert record["local_epsilon"] == 5 and record["epsilon_composed"] == 15
-
-
-def test_flower_adaptive_clipping_moves_the_norm_the_wrong_way():
-    """Andrew et al. (2019): C <- C * exp(-lr * (unclipped fraction - target)), so a round where
-    every update is clipped must raise C. Flower 1.41 uses the *clipped* fraction in that formula
-    and lowers it. This pins the observation; if it fails, Flower changed the rule."""
-    dp = DifferentialPrivacyServerSideAdaptiveClipping(
-        FedAvg(), noise_multiplier=0.0, num_sampled_clients=3, initial_clipping_norm=5.0, clip_norm_lr=0.2
-    )
-    dp._geometric_update(clipped_fraction=1.0)  # all clipped: the norm is too small
-    assert dp.clipping_norm == pytest.approx(5.0 * np.exp(-0.2 * 0.5)) and dp.clipping_norm < 5.0
-    dp.clipping_norm = 5.0
-    dp._geometric_update(clipped_fraction=0.0)  # none clipped: the norm is too large
-    assert dp.clipping_norm > 5.0
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-from ray_head import cluster_processes, ray_head
+import pytest
+from harness.ray_head import cluster_processes, ray_head
 
 from fedsparse.apps.simulation import backend_config, run_simulation
 from fedsparse.report.results import read_run
 from fedsparse.run import compose_config
 
 
+@pytest.mark.integration
 def test_simulation_attaches_to_a_running_ray_head(tmp_path):
     with ray_head() as (address, temp_dir):
         cfg = compose_config(

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from harness.federation import tiny
+from harness.models import tiny_model
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
@@ -28,20 +29,12 @@ from fedsparse.report.tables import load_runs
 from fedsparse.run import CONFIG_SCHEMA_VERSION, ConfigError, compose_config, prepare
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
-pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
-
-OVERRIDES = [
-    "model=tiny",
-    "federation.num_clients=3",
+OVERRIDES = tiny(
     "federation.clients_per_round=2",
     "federation.rounds=3",
     "federation.strategy=fedavgm",  # the momentum must survive the interruption too
-    "train.local_steps=2",
-    "train.batch_size=8",
     "data.max_train_examples=300",
-    "data.max_eval_examples=32",
-    "data.max_length=32",
-]
+)
 
 
 def _rounds(path) -> list[dict]:
@@ -49,11 +42,12 @@ def _rounds(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, shared_ray):
     out = tmp_path_factory.mktemp("resume")
     return run_simulation(compose_config([*OVERRIDES, f"output_dir={out}", "run_name=whole"]))
 
 
+@pytest.mark.integration
 def test_a_killed_run_resumes_to_the_same_final_state(uninterrupted, tmp_path):
     cmd = [sys.executable, "-m", "fedsparse", *OVERRIDES, f"output_dir={tmp_path}", "run_name=killed"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,6 +80,7 @@ def test_a_killed_run_resumes_to_the_same_final_state(uninterrupted, tmp_path):
     assert is_finished(killed)
 
 
+@pytest.mark.integration
 def test_the_merged_model_loads_without_fedsparse(uninterrupted):
     cfg = compose_config([*OVERRIDES, f"output_dir={uninterrupted.parent}", "run_name=whole"])
     method = build_method(tiny_model(), cfg.method)
@@ -134,7 +129,7 @@ def _keep_only(node: dict, keys: dict) -> dict:
 
 
 @pytest.fixture
-def killed_after_round_2(monkeypatch, tmp_path):
+def killed_after_round_2(monkeypatch, tmp_path, shared_ray):
     """Run a simulation in this process and copy its directory as it stands right after round
     2's checkpoint: exactly what a run killed then leaves on disk. Returns (whole, killed)."""
     save = checkpoint.save
@@ -165,6 +160,7 @@ def _assert_same_end(resumed, whole) -> None:
     ]
 
 
+@pytest.mark.integration
 def test_a_run_saved_by_an_older_version_resumes_bit_identically(killed_after_round_2):
     whole, killed = killed_after_round_2()
     older_keys = OmegaConf.to_container(OmegaConf.load(OLDER_CONFIG))
@@ -180,6 +176,7 @@ def test_a_run_saved_by_an_older_version_resumes_bit_identically(killed_after_ro
     assert OmegaConf.load(killed / "config.yaml").federation.min_replies == 1  # saved upgraded
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "privacy",
     [
@@ -196,6 +193,7 @@ def test_dp_and_secagg_runs_resume_bit_identically(killed_after_round_2, privacy
     assert record["released"] if "privacy.dp=server" in privacy else record["clients"] == 3
 
 
+@pytest.mark.integration
 def test_a_resumed_run_may_extend_its_rounds_and_refuses_other_changes(killed_after_round_2, tmp_path):
     whole, killed = killed_after_round_2()
     with pytest.raises(ConfigError, match=r"train\.lr=0\.5 \(the run has"):

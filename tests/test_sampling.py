@@ -8,13 +8,12 @@ import random
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
+from harness.federation import tiny
 
 from fedsparse.apps.simulation import run_simulation
 from fedsparse.federation.sampling import INFO_KEY, PARTITION_KEY, ClientSampler, partition_reply
 from fedsparse.federation.strategy import PackedStrategy
 from fedsparse.run import compose_config
-
-pytestmark = pytest.mark.usefixtures("shared_ray")  # simulations attach to one Ray head (conftest)
 
 
 class FakeGrid:
@@ -204,21 +203,16 @@ def test_invalid_replies_are_dropped_with_a_reason():
     assert fleet.asked == []  # not asked again while listed
 
 
-SIM = [
-    "model=tiny",
+SIM = tiny(
     "federation.num_clients=5",
     "federation.clients_per_round=2",
     "federation.rounds=3",
-    "train.local_steps=2",
-    "train.batch_size=8",
     "data.max_train_examples=400",
-    "data.max_eval_examples=32",
-    "data.max_length=32",
-]
+)
 
 
 @pytest.fixture(scope="module")
-def sims(tmp_path_factory):
+def sims(tmp_path_factory, shared_ray):
     """Three short simulations: pafi seed 0 twice, bitfit seed 0; final vectors kept. (Another
     seed drawing other partitions is checked on the sampler itself, above: a fourth simulation
     would cost 40 s of the suite's budget.)"""
@@ -255,6 +249,7 @@ def _metrics(rounds: list[dict]) -> list:
     ]
 
 
+@pytest.mark.integration
 def test_same_seed_gives_bit_identical_runs(sims):
     runs, finals = sims
     assert _metrics(runs["pafi-0"]) == _metrics(runs["pafi-0-again"])
@@ -262,6 +257,7 @@ def test_same_seed_gives_bit_identical_runs(sims):
     assert all(len(r["sampled"]) == 2 for r in runs["pafi-0"][1:])
 
 
+@pytest.mark.integration
 def test_methods_under_one_seed_train_the_same_clients(sims):
     runs, _ = sims
     sampled = [r["sampled"] for r in runs["pafi-0"]]

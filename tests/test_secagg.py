@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common import bytes_to_ndarray
-from flwr.common.serde import message_from_proto, message_to_proto
+from harness.federation import TRAIN_CONFIG_VALUES
+from harness.loopback import deploy_tiny
 
-from fedsparse.apps.client_train import handle_train
+from fedsparse.apps.inprocess import InProcessGrid, wire_copy
 from fedsparse.apps.server_app import make_strategy
 from fedsparse.data.glue import largest_shard, partition_all, train_split
 from fedsparse.federation.accounting import CommLedger, wire_bytes
-from fedsparse.federation.sampling import partition_reply
 from fedsparse.methods import build_method
 from fedsparse.methods.model import load_model
 from fedsparse.privacy import dp
@@ -27,78 +27,9 @@ from fedsparse.report.results import read_run
 from fedsparse.report.tables import format_comm_table, human_bytes
 from fedsparse.run import compose_config
 
-CLIENTS = 3
-BASE = [
-    "model=tiny",
-    f"federation.num_clients={CLIENTS}",
-    f"federation.clients_per_round={CLIENTS}",
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=600",
-    "data.max_length=32",
-    "method=pafi",
-    "method.density=0.2",
-    "privacy.secagg=true",
-]
-TRAIN_CONFIG = ConfigRecord({"lr": 2e-2, "batch-size": 8, "local-steps": 2, "local-epochs": 0.0})
-
-
-def _copy(message: Message) -> Message:
-    """What crosses the wire: nothing is shared between server and client objects."""
-    return message_from_proto(message_to_proto(message))
-
-
-class InProcessGrid:
-    """Nodes 101.. with partition ids 0..; TRAIN messages go through the ClientApp's privacy mod."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.contexts = {
-            101 + i: Context(
-                run_id=1,
-                node_id=101 + i,
-                node_config={"partition-id": i, "num-partitions": CLIENTS},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(CLIENTS)
-        }
-        self.trained: list[Message] = []  # each client's reply as its handler returned it
-        self.received: list[Message] = []  # every reply the server got
-
-    run = type("Run", (), {"run_id": 1})()  # what the legacy client manager reads
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def _train(self, msg: Message, ctxt: Context) -> Message:
-        reply = handle_train(msg, ctxt, self.cfg)
-        self.trained.append(_copy(reply))
-        return reply
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
-        for message in messages:
-            msg = _copy(message)
-            ctxt = self.contexts[msg.metadata.dst_node_id]
-            if msg.metadata.message_type == MessageType.QUERY:
-                reply = partition_reply(msg, ctxt.node_config)
-            else:
-                reply = dp.client_mod(lambda _: self.cfg)(msg, ctxt, self._train)
-            replies.append(_copy(reply))
-        self.received += replies
-        return replies
-
-
-@pytest.fixture(scope="module")
-def identity():
-    """Messages can only be built inside a running app; pose as one (Flower internal API)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+CLIENTS = 3  # the tiny federation's (`+experiment=smoke`), all sampled
+BASE = ["+experiment=smoke", "method=pafi", "method.density=0.2", "privacy.secagg=true"]
+TRAIN_CONFIG = ConfigRecord(TRAIN_CONFIG_VALUES)
 
 
 def _secure_round(overrides: list[str], min_replies: int | None = None):
@@ -132,7 +63,7 @@ def _secure_round(overrides: list[str], min_replies: int | None = None):
 
 
 @pytest.fixture(scope="module")
-def secure_round(identity):
+def secure_round(module_app_identity):
     return _secure_round(BASE)
 
 
@@ -141,7 +72,7 @@ def test_secure_sum_equals_plain_fedavg_of_the_same_replies(secure_round):
     assert len(grid.trained) == CLIENTS
     plain = make_strategy(cfg, method, CommLedger(method.head_size))
     plain.global_values = method.initial_state()
-    expected, _ = plain.aggregate_train(1, [_copy(r) for r in grid.trained])
+    expected, _ = plain.aggregate_train(1, [wire_copy(r) for r in grid.trained])
     secure = seen[1]
     weights = np.array([r.content["metrics"]["num-examples"] for r in grid.trained], dtype=np.float64)
     assert len(set(weights)) > 1 and runner.max_weight == weights.max()
@@ -201,13 +132,12 @@ def test_secagg_rounds_are_measured_with_their_extra_messages(secure_round):
     )
 
 
+@pytest.mark.integration
 def test_secagg_in_a_loopback_deployment(tmp_path):
-    """A real SuperLink and two SuperNodes through `flwr run`, with the deployment test's harness.
-    One round: each SecAgg+ stage is a message, and a SuperNode starts a ClientApp process per
-    message (5 per node here, with the partition-id query)."""
-    import test_deployment
-
-    _, rounds, summary = read_run(test_deployment.deploy(tmp_path, rounds=1, extra=("privacy.secagg=true",)))
+    """A real SuperLink and two SuperNodes through `flwr run` (harness.loopback). One round: each
+    SecAgg+ stage is a message, and a SuperNode starts a ClientApp process per message (5 per node
+    here, with the partition-id query)."""
+    _, rounds, summary = read_run(deploy_tiny(tmp_path, rounds=1, extra=("privacy.secagg=true",)).run_dir)
     assert summary["rounds"] == 1 and len(rounds) == 2
     for r in rounds[1:]:
         record = r["privacy"]
@@ -219,13 +149,13 @@ def test_secagg_in_a_loopback_deployment(tmp_path):
         assert r["train"]["train-loss"] > 0
 
 
-def test_a_secagg_round_below_the_quorum_is_skipped(identity):
+def test_a_secagg_round_below_the_quorum_is_skipped(app_identity):
     _, grid, seen, runner, _ = _secure_round(BASE, min_replies=CLIENTS + 1)
     assert len(grid.trained) == CLIENTS and not seen  # every client trained; nothing was aggregated
     assert f"min_replies={CLIENTS + 1}" in runner.strategy.skipped[1]
 
 
-def test_secagg_checks_max_examples_on_each_client_not_on_the_sum(identity):
+def test_secagg_checks_max_examples_on_each_client_not_on_the_sum(app_identity):
     cfg = compose_config(BASE)
     fed = cfg.federation
     shards = partition_all(

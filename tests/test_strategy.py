@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import method_cfg, packed_strategy, tiny_model
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from harness.models import method_cfg, packed_strategy, tiny_model
+from harness.replies import train_reply
 
 from fedsparse.federation.accounting import CommLedger
 from fedsparse.federation.sampling import ClientSampler
@@ -19,28 +20,9 @@ def strategy(app_identity):
     return packed_strategy(build_method(tiny_model(), method_cfg("pafi", density=0.05)))
 
 
-def _reply(
-    values: np.ndarray | dict,
-    weight: float = 10,
-    fingerprint: str | None = None,
-    strategy=None,
-    extra: dict | None = None,
-    metrics: dict | None = None,
-    records: dict | None = None,
-) -> Message:
-    arrays = values if isinstance(values, dict) else {"values": values}
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()} | (extra or {})),
-            "metrics": MetricRecord(
-                {"num-examples": weight, "train-loss": 0.5, "train-seconds": 1.0, "setup-seconds": 0.5}
-                | (metrics or {})
-            ),
-            "info": ConfigRecord({"fingerprint": fingerprint or strategy.fingerprint}),
-            **(records or {}),
-        }
-    )
-    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+def _reply(values, weight=10, fingerprint=None, strategy=None, extra=None, metrics=None, records=None):
+    """harness.replies.train_reply, by default from `strategy`'s method."""
+    return train_reply(values, weight, fingerprint or strategy.fingerprint, extra, metrics, records)
 
 
 def _without(reply: Message, record: str) -> Message:

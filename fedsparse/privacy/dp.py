@@ -21,7 +21,7 @@ continues from where the interrupted run stopped. The noise is drawn from a gene
 from OS entropy at the start of the run, never from the public `seed`; its state is kept in the
 checkpoint only, so a resumed run continues the same noise (and the checkpoint is a secret).
 Adaptive clipping is not offered: in Flower 1.41 its update moves the norm the wrong way (see
-docs/privacy.md and tests/test_privacy.py).
+docs/privacy.md).
 """
 
 from __future__ import annotations

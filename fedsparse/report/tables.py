@@ -186,7 +186,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _look(config: dict) -> tuple:
+def _group_label(config: dict) -> tuple:
     """What a group is labelled by: method variant, task, lr, Dirichlet alpha."""
     lr = config.get("train", {}).get("lr", config["method"].get("lr", 0.0))
     name = (
@@ -217,12 +217,12 @@ def group_runs(runs: list[dict]) -> list[Group]:
     for run in runs:
         settings = training_settings(OmegaConf.create(run["config"]))
         by_config[tuple(sorted(_flatten(settings).items()))].append(run)
-    looks = {key: _look(members[0]["config"]) for key, members in by_config.items()}
+    labels = {key: _group_label(members[0]["config"]) for key, members in by_config.items()}
     groups = []
     for key, members in by_config.items():
-        method, task, lr, alpha = looks[key]
+        method, task, lr, alpha = labels[key]
         # Groups that would share a label get the settings that differ among them appended.
-        twins = [set(k) for k in by_config if k != key and looks[k] == looks[key]]
+        twins = [set(k) for k in by_config if k != key and labels[k] == labels[key]]
         mine = dict(key)
         for name in sorted({name for twin in twins for name, _ in twin ^ set(key)}):
             method += f" {name}={mine.get(name, NEUTRAL.get(name, '-'))}"

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-from flower_procs import free_port
+
+from fedsparse.deploy.loopback import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -1,4 +1,9 @@
-"""Start real Flower processes on loopback for tests, and always stop them again."""
+"""Real Flower processes on 127.0.0.1, always stopped again: a SuperLink, SuperNodes (through the
+byte-counting relay) and `flwr run`, for the tests and experiments/socket_bytes.py.
+
+Nothing here imports Flower: the processes are Flower's own commands, from the running
+interpreter's environment (`BIN`). `ROOT` is the project checkout `flwr run` builds the FAB from.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,15 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from fedsparse.deploy.relay import Relay, windows
+
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -35,7 +43,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
     )
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS", None)  # the tests' shared Ray head (conftest) is not for Flower's own runs
+    env.pop("RAY_ADDRESS", None)  # a caller's Ray head (the tests' shared one) is not for Flower's own runs
     return env
 
 
@@ -148,3 +156,69 @@ def leftovers(flwr_home: Path) -> list[str]:
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def superlink_argv(
+    port: int, database: Path | None = None, tls: Path | None = None, simulation: bool = False
+):
+    """`flower-superlink` on 127.0.0.1:`port` (subprocess isolation; `tls`: a generate-certs.sh dir)."""
+    security = (
+        ["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem")]
+        + ["--ssl-keyfile", str(tls / "server.key")]
+        if tls
+        else ["--insecure"]
+    )
+    argv = [str(BIN / "flower-superlink"), *security, *(["--simulation"] if simulation else [])]
+    argv += ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--database", str(database)] if database else []
+    return argv + ["--disable-runtime-dependency-installation"]
+
+
+def supernode_argv(superlink_port: int, partition: int, partitions: int, tls: Path | None = None):
+    """`flower-supernode` for partition `partition` of `partitions`, connecting to 127.0.0.1:`superlink_port`."""
+    security = ["--root-certificates", str(tls / "ca.crt")] if tls else ["--insecure"]
+    argv = [str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{superlink_port}"]
+    argv += ["--port", str(free_port())]
+    return argv + ["--node-config", f"partition-id={partition} num-partitions={partitions}"]
+
+
+@dataclass
+class Deployment:
+    """What `deploy` leaves behind: the run directory, `flwr run`'s output, the bytes per window
+    that crossed the SuperNode <-> SuperLink sockets ([r]: round r, the bytes up to the
+    rounds.jsonl line that closes it; [0] registration and start; [-1] the shutdown), and what a
+    plaintext client got from a TLS SuperLink (None without TLS)."""
+
+    run_dir: Path
+    run: subprocess.CompletedProcess
+    socket: list[dict[str, int]] = field(default_factory=list)
+    plaintext: subprocess.CompletedProcess | None = None
+
+
+def deploy(
+    work: Path, settings: list[str], tls: Path | None = None, nodes: int = 2, timeout: float = 400
+) -> Deployment:
+    """One `flwr run` with the run-config `settings` on a SuperLink and `nodes` SuperNodes (each
+    connected through a counting relay), all started under `work` and stopped before it returns.
+    `tls`: a scripts/generate-certs.sh directory. Raises if any process outlives it."""
+    home, port, out = work / "flwr-home", free_port(), work / "results"
+    write_connection(home, "loopback", port, root_certificates=tls / "ca.crt" if tls else None)
+    env = flower_env(home)
+    plaintext = None
+    with Relay(("127.0.0.1", port)) as relay, processes(work, home) as start:
+        relay.watch(out / "deployed" / "rounds.jsonl")
+        link = start("superlink", superlink_argv(port, work / "state.db", tls), env)
+        wait_for_port(port, link)
+        for pid in range(nodes):
+            start(f"supernode-{pid}", supernode_argv(relay.port, pid, nodes, tls), env)
+        run = flwr_run(
+            "loopback", " ".join([*settings, f"output_dir={out}", "run_name=deployed"]), env, timeout=timeout
+        )
+        if tls and run.returncode == 0:  # does the same SuperLink refuse a client without TLS?
+            write_connection(home, "plaintext", port)
+            argv = [str(BIN / "flwr"), "ls", "plaintext"]
+            plaintext = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    left = leftovers(home)
+    if left:
+        raise RuntimeError(f"processes outlived the deployment: {left}")
+    return Deployment(out / "deployed", run, windows(relay.marks, relay.snapshot()), plaintext)

@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flower_procs import ROOT, free_port
-from test_compose import compose_binary, effective_argv, services
+from fedsparse.deploy.loopback import ROOT, free_port
+from harness.compose import compose_binary, effective_argv, services
 
 IMAGE = "fedsparse:0.1.0-flwr1.41.0"
 BASE_IMAGE = "fedsparse-base:bookworm-py311"

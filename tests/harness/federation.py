@@ -1,0 +1,25 @@
+"""The tiny federation the integration tests run: `+experiment=smoke` (tiny-bert, 3 clients, all
+sampled, 2 rounds of 2 local steps of batch 8, 600 train examples, 32 tokens) with 32 dev
+examples instead of smoke's 64. A test adds its own settings explicitly: `tiny("seed=4", ...)`."""
+
+from __future__ import annotations
+
+SMOKE = ("+experiment=smoke", "data.max_eval_examples=32")
+
+
+def tiny(*overrides: str) -> list[str]:
+    """The tiny federation's overrides, then `overrides` (later overrides win)."""
+    return [*SMOKE, *overrides]
+
+
+# The loopback deployment's run (tests/test_deployment.py and the tests that share its harness):
+# two SuperNodes, both sampled, PaFi at density 0.05.
+DEPLOYMENT = tiny(
+    "federation.num_clients=2",
+    "federation.clients_per_round=2",
+    "data.max_train_examples=400",
+    "method.density=0.05",
+)
+
+# The train config a test server sends with each round (what ServerApp builds from `train.*`).
+TRAIN_CONFIG_VALUES = {"lr": 2e-2, "batch-size": 8, "local-steps": 2, "local-epochs": 0.0}

@@ -1,0 +1,134 @@
+"""The tests' loopback deployment (a real SuperLink and SuperNodes, fedsparse.deploy.loopback) of
+the tiny federation, and the checks on what it ran: the same run as a simulation of the same seed,
+socket bytes within the accounted bytes plus Flower's overhead, set-up paid per message."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.cli.build import build_fab_from_disk
+
+from fedsparse.deploy.loopback import (
+    ROOT,
+    Deployment,
+    deploy,
+    flower_env,
+    free_port,
+    leftovers,
+    processes,
+    superlink_argv,
+    wait_for_port,
+    write_connection,
+)
+from fedsparse.deploy.relay import DOWN, UP
+from fedsparse.report.results import read_run
+from harness.federation import DEPLOYMENT
+
+
+def deploy_tiny(
+    work: Path, tls: Path | None = None, rounds: int = 2, extra: tuple[str, ...] = (), nodes: int = 2
+) -> Deployment:
+    """`rounds` rounds of the DEPLOYMENT run (with `extra` overrides; another `method=` drops
+    PaFi's density) on a SuperLink and `nodes` SuperNodes; checks that it finished and, with
+    `tls`, that the SuperLink refused a plaintext client."""
+    other_method = any(e.startswith("method=") for e in extra)
+    settings = [o for o in DEPLOYMENT if not (other_method and o.startswith("method."))]
+    done = deploy(work, [*settings, f"federation.rounds={rounds}", *extra], tls=tls, nodes=nodes)
+    assert done.run.returncode == 0, done.run.stdout + done.run.stderr
+    assert f"[round {rounds}/{rounds}]" in done.run.stdout  # per-round progress is streamed back
+    if tls:
+        assert done.plaintext is not None and done.plaintext.returncode != 0
+    return done
+
+
+@dataclass
+class SuperLink:
+    """A running SuperLink: `connection` in FLWR_HOME `home` points at `port`; `start(name, argv,
+    env)` starts more processes that are stopped with it."""
+
+    home: Path
+    port: int
+    env: dict[str, str]
+    start: Callable[..., subprocess.Popen]
+    process: subprocess.Popen
+
+
+@contextmanager
+def running_superlink(work: Path, connection: str, simulation: bool = False) -> Iterator[SuperLink]:
+    """A plaintext SuperLink on 127.0.0.1 (`simulation`: it runs the federation in its own
+    simulation engine) with its state under `work`; afterwards nothing it started is left."""
+    home, port = work / "flwr-home", free_port()
+    write_connection(home, connection, port)
+    env = flower_env(home)
+    with processes(work, home) as start:
+        link = start(
+            "superlink",
+            superlink_argv(port, None if simulation else work / "state.db", simulation=simulation),
+            env,
+        )
+        wait_for_port(port, link)
+        yield SuperLink(home, port, env, start, link)
+    assert link.poll() is not None and leftovers(home) == []
+
+
+def assert_matches_simulation(deployed: Path, simulated: Path) -> None:
+    _, d_rounds, d_summary = read_run(deployed)
+    _, s_rounds, s_summary = read_run(simulated)
+    assert len(d_rounds) == len(s_rounds) == 3
+    assert d_summary["fingerprint"] == s_summary["fingerprint"]
+    for d, s in zip(d_rounds[1:], s_rounds[1:]):
+        for direction in ("down", "up"):
+            dc, sc = d["comm"][direction], s["comm"][direction]
+            assert dc["messages"] == sc["messages"] == 2
+            assert (dc["values"], dc["head"], dc["indices"]) == (sc["values"], sc["head"], sc["indices"])
+            # only message metadata differs (ids a deployment fills in); payloads are identical
+            assert abs(dc["bytes"] - sc["bytes"]) <= 512
+        # same seed, same shards, same local steps: the same model up to summation order
+        np.testing.assert_allclose(d["dev"]["loss"], s["dev"]["loss"], atol=1e-4)
+        np.testing.assert_allclose(d["train"]["train-loss"], s["train"]["train-loss"], atol=1e-4)
+
+
+# What the SuperNode <-> SuperLink sockets carry beyond the ledger's message bytes (measured by
+# parsing the plaintext stream per endpoint, docs/deployment.md "Socket bytes"): every HTTP/1.1
+# request costs ~850 B of headers up (the node-auth public key and signature ride on each one) and
+# ~130 B down, plus small protobuf bodies; each message is ~7 requests (pull-messages, get-run,
+# pull-object per object, confirm; push-messages, push-object per object); an idle node polls every
+# 3 s and heartbeats; each node fetches the FAB once, in round 1. The SuperLink (uvicorn) closes
+# connections idle for 5 s, so nodes reconnect every round; with TLS each new connection costs a
+# handshake (measured ~2 KB down, ~0.7 KB up) and every record ~22 B.
+PER_REQUEST = {UP: 1024, DOWN: 384}
+REQUESTS_PER_MESSAGE = 10
+REQUESTS_PER_NODE_SECOND = 0.5
+PER_CONNECTION = 4096
+
+
+def assert_socket_bytes(run_dir: Path, socket: list[dict[str, int]], nodes: int = 2) -> None:
+    """Per round and direction: accounted <= socket <= 1.01 accounted + FAB + the overhead above."""
+    _, records, _ = read_run(run_dir)
+    assert len(socket) == len(records) + 1
+    fab = nodes * len(build_fab_from_disk(ROOT))
+    for prev, record, sock in zip(records, records[1:], socket[1:]):
+        comm, seconds = record["comm"], record["wall_seconds"] - prev["wall_seconds"]
+        messages = sum(comm[k]["messages"] for k in ("down", "up", "eval_down", "eval_up"))
+        requests = REQUESTS_PER_MESSAGE * messages + REQUESTS_PER_NODE_SECOND * nodes * seconds
+        for d in (UP, DOWN):
+            acc = comm[d]["bytes"] + comm[f"eval_{d}"]["bytes"]
+            bound = 1.01 * acc + PER_REQUEST[d] * requests + PER_CONNECTION * sock["connections"]
+            bound += fab if record["round"] == 1 and d == DOWN else 0
+            print(f"round {record['round']} {d}: accounted {acc:,} socket {sock[d]:,} bound {bound:,.0f}")
+            assert acc <= sock[d] <= bound
+
+
+def assert_setup_paid_per_message(deployed: Path, simulated: Path) -> None:
+    """Per-message overhead (message arrival, i.e. the ClientApp process start, to the first
+    training step): a deployment pays it on every message, a simulation actor only on its first."""
+    for d, s in zip(read_run(deployed)[1][1:], read_run(simulated)[1][1:]):
+        setup, train = d["train"]["setup-seconds"], d["train"]["train-seconds"]
+        print(f"round {d['round']}: per-message overhead {setup:.1f} s, local training {train:.1f} s")
+        assert setup > 0 and s["train"]["setup-seconds"] >= 0
+    assert d["train"]["setup-seconds"] > s["train"]["setup-seconds"]  # the last round: actors are warm
