@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from harness.federation import TRAIN_CONFIG_VALUES
 from test_compression import _kill
-from test_secagg import TRAIN_CONFIG, InProcessGrid
 
 from fedsparse.apps import client_state, client_train
+from fedsparse.apps.inprocess import InProcessGrid
 from fedsparse.apps.server_app import make_strategy
 from fedsparse.config import compose, run_key
 from fedsparse.federation import compression
@@ -18,6 +19,7 @@ from fedsparse.methods import build_method
 from fedsparse.methods.model import load_model
 from fedsparse.run import compose_config, problems
 
+TRAIN_CONFIG = ConfigRecord(TRAIN_CONFIG_VALUES)
 OVERRIDES = [
     "model=tiny",
     "method=pafi",
