@@ -29,6 +29,7 @@ NEUTRAL_SETTINGS = {
     "federation": {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"},
     "train": {"head_lr_scale": 1.0, "precision": "fp32"},
     "method": {"train_down": True},  # HiWi: W_down trains, as before the setting existed
+    "compression": {"downlink_bits": 0},
 }
 # Where a run computes, not what: left out of its training settings (a run resumed or rerun on
 # another device keeps its name; docs/configuration.md, Devices, says what stays bit-identical).
@@ -112,7 +113,7 @@ def training_settings(cfg: DictConfig) -> dict:
             settings[section].pop(key, None)
     for section, neutrals in NEUTRAL_SETTINGS.items():
         for key, neutral in neutrals.items():
-            if settings[section].get(key, neutral) == neutral:
+            if section in settings and settings[section].get(key, neutral) == neutral:
                 settings[section].pop(key, None)
     if "masked_backward" in settings["method"]:
         # PaFi's backward kernel computes the same gradients whichever it is (up to summation order),
@@ -123,7 +124,8 @@ def training_settings(cfg: DictConfig) -> dict:
         # and the name) is the rate that trains; the defaults were raised to the rates the methods
         # suite chose, so the digest keeps the default the first results were saved with
         settings["method"]["lr"] = SAVED_METHOD_LR[settings["method"]["name"]]
-    if not settings.get("compression", {}).get("enabled", False):
+    c = settings.get("compression", {})
+    if not c.get("enabled", False) and not c.get("downlink_bits", 0):
         settings.pop("compression", None)  # off: trains exactly as before the group existed
     privacy = settings.get("privacy", {})
     if privacy.get("dp", "none") == "none" and not privacy.get("secagg", False):
@@ -145,6 +147,7 @@ def auto_run_name(cfg: DictConfig) -> str:
         method.name,
         variant,
         f"q{c.bits}{'ef' if c.error_feedback else ''}" if c is not None and c.enabled else None,
+        f"d{c.downlink_bits}" if c is not None and c.get("downlink_bits", 0) else None,
         cfg.task.name,
         f"a{fed.alpha:g}",
         f"lr{cfg.train.lr:g}",
@@ -156,8 +159,12 @@ def auto_run_name(cfg: DictConfig) -> str:
 
 def run_key(cfg: DictConfig) -> str:
     """A digest of the run's training settings and name: what keys a client's state between rounds
-    (the error-feedback residual), so two runs never share it and a resumed run finds its own."""
-    blob = json.dumps({"settings": training_settings(cfg), "run_name": cfg.run_name}, sort_keys=True)
+    (the error-feedback residual, the globals of a compressed downlink), so two runs never share
+    it and a resumed run finds its own, also one resumed with more rounds."""
+    settings = training_settings(cfg)
+    for key in ("rounds", "wait_timeout"):  # a resumed run may change them (run.RESUMABLE)
+        settings["federation"].pop(key, None)
+    blob = json.dumps({"settings": settings, "run_name": cfg.run_name}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -31,6 +31,7 @@ from fedsparse.federation import compression
 from fedsparse.methods import Method
 
 RUN_KEY = "run-key"  # the train config's entry naming the run's residual store
+HELD_KEY = "held"  # the train reply's info entry: hex digest of the global this client received
 
 
 class ResidualStore:
@@ -102,3 +103,88 @@ def uplink(
         sent = reference + compression.decode(wire[compression.KEY], update.size)
         store.save(server_round, target - method.decode({**wire, "values": sent}, received))
     return wire
+
+
+class GlobalStore:
+    """The globals a node received under a compressed downlink, one file per global named by its
+    digest (`compression.global_digest`), in the node-local cache:
+
+        <cache dir>/globals/<run key>/p<partition>/<digest hex>.npy
+
+    A loaded file is checked against its name, so a corrupted file is never trained on."""
+
+    def __init__(self, run_key: str, partition: int, root: Path | None = None):
+        root = root or cache.cache_dir()
+        if root is None:
+            raise RuntimeError(
+                "compression.downlink_bits needs the node-local cache for the global it holds: "
+                "unset FEDSPARSE_CACHE=off or set FEDSPARSE_CACHE_DIR"
+            )
+        self.dir = Path(root) / "globals" / str(run_key) / f"p{int(partition)}"
+
+    def load(self, digest: bytes) -> np.ndarray | None:
+        path = self.dir / f"{digest.hex()}.npy"
+        try:
+            values = np.load(path)
+        except (OSError, ValueError):
+            return None
+        return values if compression.global_digest(values) == digest else None
+
+    def newest(self, count: int) -> set[bytes]:
+        """The digests of the `count` most recently written globals."""
+        files = (
+            sorted(self.dir.glob("*.npy"), key=lambda p: p.stat().st_mtime_ns) if self.dir.is_dir() else []
+        )
+        return {bytes.fromhex(p.stem) for p in files[-count:]}
+
+    def save(self, values: np.ndarray, keep: set[bytes]) -> None:
+        """Store `values` and delete every other global but those in `keep` (the base it was
+        rebuilt from: a rerun of this round after a kill sends the same delta against it)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        digest = compression.global_digest(values)
+        path = self.dir / f"{digest.hex()}.npy"
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, values.astype(np.float32, copy=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        names = {f"{d.hex()}.npy" for d in keep | {digest}}
+        for other in self.dir.glob("*.npy"):
+            if other.name not in names:
+                other.unlink(missing_ok=True)
+
+
+def downlink(cfg: DictConfig, method: Method, arrays: dict, config, partition: int) -> np.ndarray:
+    """The global a train or evaluate message stands for. With `compression.downlink_bits` a message
+    may name the global its delta applies to (`base`, a digest) instead of carrying `values`: the
+    node rebuilds the new global from its stored one (or its own initial state) bit for bit, stores
+    it and reports its digest (`HELD_KEY`); without a global of that digest it refuses loudly, and
+    the server sends the full vector next time."""
+    bits = compression.downlink_bits(cfg)
+    if not bits:
+        return method.decode(arrays)
+    if RUN_KEY not in config:
+        raise RuntimeError(f"compression.downlink_bits: the message's config lacks '{RUN_KEY}'")
+    store = GlobalStore(str(config[RUN_KEY]), partition)
+    if compression.BASE_KEY not in arrays:
+        received = method.decode(arrays).astype(np.float32, copy=False)
+        # keep the two newest globals too: the server may still send a delta against the one this
+        # node last reported (e.g. after a client-side evaluation sent it the full vector)
+        store.save(received, keep=store.newest(2))
+        return received
+    base = np.asarray(arrays[compression.BASE_KEY], np.uint8).tobytes()
+    held = store.load(base)
+    if held is None:
+        initial = method.initial_state()
+        held = initial if compression.global_digest(initial) == base else None
+    if held is None:
+        raise RuntimeError(
+            f"compressed downlink: this node holds no global with digest {base.hex()} (missing or "
+            "corrupted store); the server sends it the full vector next time"
+        )
+    received = held
+    if compression.KEY in arrays:
+        received = compression.apply_delta(held, arrays[compression.KEY], bits, int(cfg.compression.block))
+    store.save(received, keep={base})
+    return received

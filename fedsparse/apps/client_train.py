@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fedsparse.apps.client_state import uplink
+from fedsparse.apps.client_state import HELD_KEY, downlink, uplink
 from fedsparse.data import cache
 from fedsparse.data.glue import TASKS, partition, source_file, train_split
 from fedsparse.federation import faults
+from fedsparse.federation.compression import downlink_bits, global_digest
 from fedsparse.federation.protocol import INFO_KEY, METRICS_KEY
 from fedsparse.methods import Method, build_method
 from fedsparse.methods.device import device_problem, resolve_device
@@ -146,8 +147,11 @@ def client_shard(cfg: DictConfig, node_config: dict, batch_size: int) -> DataLoa
     )
 
 
-def _receive(method: Method, msg: Message) -> tuple[np.ndarray, ConfigRecord]:
-    """Check the fingerprint, then load the received global state into the model."""
+def _receive(
+    method: Method, msg: Message, cfg: DictConfig, partition: int
+) -> tuple[np.ndarray, ConfigRecord]:
+    """Check the fingerprint, then load the received global state (rebuilt from a compressed
+    downlink: `client_state.downlink`) into the model."""
     config = msg.content["config"]
     if config["fingerprint"] != method.fingerprint():
         raise RuntimeError(
@@ -157,7 +161,7 @@ def _receive(method: Method, msg: Message) -> tuple[np.ndarray, ConfigRecord]:
             "with the same method settings."
         )
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    received = method.decode(arrays)
+    received = downlink(cfg, method, arrays, config, partition)
     method.unpack(received)
     return received, config
 
@@ -174,7 +178,7 @@ def _arrival() -> float:
 def handle_train(msg: Message, context: Context, cfg: DictConfig, simulated: bool = False) -> Message:
     arrival = _arrival()
     method = client_method(cfg, simulated)
-    received, config = _receive(method, msg)
+    received, config = _receive(method, msg, cfg, int(context.node_config["partition-id"]))
     faults.maybe_fail(cfg, int(config["server-round"]), int(context.node_config["partition-id"]))
     loader = client_shard(cfg, context.node_config, int(config["batch-size"]))
     start = time.time()
@@ -199,11 +203,14 @@ def handle_train(msg: Message, context: Context, cfg: DictConfig, simulated: boo
         "train-seconds": time.time() - start,
         "setup-seconds": start - arrival,
     }
+    info = {"fingerprint": method.fingerprint()}
+    if downlink_bits(cfg):  # which global this node holds: the server's base for its next downlink
+        info[HELD_KEY] = global_digest(received).hex()
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in wire.items()}),
             METRICS_KEY: MetricRecord(metrics),
-            INFO_KEY: ConfigRecord({"fingerprint": method.fingerprint()}),
+            INFO_KEY: ConfigRecord(info),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -213,7 +220,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: DictConfig, simulated: 
     """Optional client-side evaluation of the global state on this node's training shard (no
     held-out data on a node), hence the `shard-train-` keys: not a validation metric."""
     method = client_method(cfg, simulated)
-    _receive(method, msg)
+    _receive(method, msg, cfg, int(context.node_config["partition-id"]))
     loader = client_shard(cfg, context.node_config, int(cfg.train.eval_batch_size))
     metrics = evaluate(method.model, loader, cfg.task.name, str(cfg.train.get("precision", "fp32")))
     record = {f"shard-train-{k}": v for k, v in metrics.items()}

@@ -47,6 +47,8 @@ def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> Packed
         min_replies=int(fed.min_replies),
         max_examples=int(fed.max_examples),
         compression=cfg.get("compression"),
+        seed=int(cfg.seed),
+        run_key=run_key(cfg),
         **kwargs,
     )
 

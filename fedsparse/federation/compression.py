@@ -1,4 +1,7 @@
-"""Compressed uplink: an update quantised to `bits` per value with one float32 scale per block.
+"""Compressed uplink and downlink: an update quantised to `bits` per value with one float32 scale
+per block. A compressed downlink (`downlink_bits`) carries the same array for the change of the
+global, next to the 16-byte digest (`global_digest`) of the global it applies to (`base`); the
+server's new global is `apply_delta(previous, array)` (docs/methods.md, Compressed downlink).
 
 Wire format, one uint8 array per reply (key `compressed`, in place of `values`):
 
@@ -22,6 +25,8 @@ seeded by (seed, round, partition): the rounding is public, reproducible and res
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 MAGIC = b"FQ"
@@ -30,6 +35,29 @@ HEADER = 12
 BITS = (1, 2, 4, 8)
 KEY = "compressed"  # the array name of a compressed update in a train reply
 _STREAM = 0x51  # tells the rounding generator apart from the clients' other seeded draws
+_DOWN_STREAM = 0x52  # the server's rounding of the downlink delta
+BASE_KEY = "base"  # a compressed downlink's array: the digest of the global its delta applies to
+DIGEST_BYTES = 16
+
+
+def global_digest(values: np.ndarray) -> bytes:
+    """The first 16 bytes of the SHA-256 of a global vector's little-endian float32 bytes: what a
+    compressed downlink names its base by, and what a client reports it holds."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype="<f4").tobytes()).digest()[:DIGEST_BYTES]
+
+
+def downlink_rng(seed: int, server_round: int) -> np.random.Generator:
+    """The server's rounding of round `server_round`'s downlink delta (public, like the uplink's)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(server_round), _DOWN_STREAM]))
+
+
+def apply_delta(
+    base: np.ndarray, wire: np.ndarray, bits: int | None = None, block: int | None = None
+) -> np.ndarray:
+    """The global a compressed downlink stands for: `base` plus the dequantised delta, in float32.
+    The server computes its new global with this same function, so both agree bit for bit."""
+    base = np.asarray(base, dtype=np.float32)
+    return base + decode(wire, base.size, bits, block)
 
 
 def rounding_rng(seed: int, server_round: int, partition: int) -> np.random.Generator:
@@ -150,14 +178,29 @@ def decode(
 def config_problems(cfg) -> list[str]:
     """Settings and combinations a compressed uplink refuses, each with why."""
     c = cfg.get("compression")
-    if c is None or not c.enabled:
+    down = downlink_bits(cfg)
+    if c is None or not (c.enabled or down):
         return []
     problems = []
-    if c.bits not in BITS:
+    if down and down not in BITS:
+        problems.append(f"compression.downlink_bits={down}: use one of {BITS}, or 0 (off)")
+    if c.enabled and c.bits not in BITS:
         problems.append(f"compression.bits={c.bits}: use one of {BITS} (or compression=none)")
     if not 1 <= c.block < 2**32:
         problems.append(f"compression.block={c.block}: must be >= 1")
     p = cfg.get("privacy", {})
+    if down and p.get("secagg", False):
+        problems.append(
+            "compression.downlink_bits cannot be used with privacy.secagg=true: the SecAgg+ runner "
+            "does not read the clients' reports of the global they hold (untested; off)"
+        )
+    if down and p.get("dp", "none") in ("server", "client"):
+        problems.append(
+            f"compression.downlink_bits cannot be used with privacy.dp={p.dp}: the DP wrapper adds "
+            "its noise after the strategy quantised the global, so the clients could not rebuild it"
+        )
+    if not c.enabled:
+        return problems
     if p.get("secagg", False):
         problems.append(
             "compression cannot be used with privacy.secagg=true: SecAgg+ quantises each update to "
@@ -171,3 +214,9 @@ def config_problems(cfg) -> list[str]:
             "codes; use privacy.dp=server (clipped and noised after decompression)"
         )
     return problems
+
+
+def downlink_bits(cfg) -> int:
+    """`compression.downlink_bits`, 0 (off, every downlink the full float32 vector) when absent."""
+    c = cfg.get("compression")
+    return 0 if c is None else int(c.get("downlink_bits", 0) or 0)

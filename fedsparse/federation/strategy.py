@@ -23,6 +23,10 @@ from fedsparse.federation.accounting import CommLedger, MeteredGrid
 from fedsparse.federation.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS
 from fedsparse.federation.sampling import ClientSampler
 
+compression_digest = compression.global_digest
+HELD_KEY = "held"  # a train reply's info entry: the hex digest of the global the client received
+_DOWN = "downlink-"  # prefix of the downlink's entries among the strategy's checkpointed arrays
+
 if TYPE_CHECKING:  # the strategy calls the method it is given; it never imports torch
     from fedsparse.methods import Method
 
@@ -50,6 +54,8 @@ class PackedStrategy:
         min_replies: int = 1,
         max_examples: int = 10_000_000,
         compression: Mapping | None = None,
+        seed: int = 0,
+        run_key: str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -64,6 +70,15 @@ class PackedStrategy:
         on = compression is not None and compression.get("enabled", False)
         self.compression = (int(compression["bits"]), int(compression["block"])) if on else None
         self._decompressed: dict[int, ArrayRecord] = {}  # id -> record, this round's decoded replies
+        # compressed downlink: (bits, block) of the delta the server broadcasts, or None
+        down = int((compression or {}).get("downlink_bits", 0) or 0)
+        self.downlink = (down, int(compression["block"])) if down else None
+        self.seed = int(seed)
+        self.run_key = run_key  # names the clients' node-local stores (apps.client_state)
+        self.initial_digest = compression_digest(method.initial_state()) if down else b""
+        self.held: dict[int, bytes] = {}  # node -> digest of the global it last reported holding
+        # (digest of the previous global, its delta's wire array, digest of the global it makes)
+        self.pending: tuple[bytes, np.ndarray, bytes] | None = None
         self.round_offset = 0
         self.current_round = 0  # the round being configured, counting resumed ones
         self.fingerprint = method.fingerprint()
@@ -86,10 +101,54 @@ class PackedStrategy:
     def _send(self, messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
         messages = list(messages)
         self.global_values = arrays["values"].numpy()
-        wire = ArrayRecord({k: Array(v) for k, v in self.method.encode(self.global_values).items()})
+        full = ArrayRecord({k: Array(v) for k, v in self.method.encode(self.global_values).items()})
         for message in messages:
-            message.content[self.arrayrecord_key] = wire
+            if not self.downlink:
+                message.content[self.arrayrecord_key] = full
+                continue
+            # the base strategy's messages share one content: each node gets its own
+            message.content = RecordDict(dict(message.content.items()))
+            message.content[self.arrayrecord_key] = self._downlink(message.metadata.dst_node_id) or full
+            if self.run_key is not None:
+                message.content["config"]["run-key"] = self.run_key
         return messages
+
+    def _downlink(self, node: int) -> ArrayRecord | None:
+        """What `node` needs to rebuild the global exactly: only the global's digest when it reported
+        holding it (every node holds the initial global implicitly), the digest of the previous
+        global and the delta when it reported holding that one, else None (the full vector)."""
+        now = compression_digest(self.global_values)
+        held = self.held.get(node, self.initial_digest)
+        base = np.frombuffer(held, np.uint8).copy()
+        if held == now:
+            return ArrayRecord({compression.BASE_KEY: Array(base)})
+        if self.pending is not None and self.pending[0] == held and self.pending[2] == now:
+            return ArrayRecord({compression.BASE_KEY: Array(base), compression.KEY: Array(self.pending[1])})
+        return None
+
+    def record_held(self, reply: Message) -> None:
+        """Note which global a replying node holds (from its train reply), or that it holds nothing
+        usable (an error reply): it gets the full vector until it reports a global again."""
+        node = reply.metadata.src_node_id
+        info = None if reply.has_error() else reply.content.config_records.get(INFO_KEY)
+        try:
+            self.held[node] = bytes.fromhex(str(info[HELD_KEY]))
+        except (TypeError, KeyError, ValueError):
+            self.held[node] = b""
+
+    def quantise_global(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The new global the clients can rebuild exactly: the previous global plus the quantised,
+        dequantised change (rounding drawn from (seed, round)); FedAvgM's own copy follows it."""
+        bits, block = self.downlink
+        previous = self.global_values
+        delta = arrays["values"].numpy().astype(np.float32) - previous
+        wire = compression.encode(delta, bits, block, compression.downlink_rng(self.seed, server_round))
+        values = compression.apply_delta(previous, wire, bits, block)
+        self.pending = (compression_digest(previous), wire, compression_digest(values))
+        arrays = ArrayRecord({"values": Array(values)})
+        if isinstance(getattr(self, "current_arrays", None), ArrayRecord):  # FedAvgM's global
+            self.current_arrays = arrays
+        return arrays
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -117,6 +176,8 @@ class PackedStrategy:
         accepted = []
         self.untouched = None  # entries every accepted reply left exactly at the global value
         for reply in self.sampler.order(replies):
+            if self.downlink:
+                self.record_held(reply)
             if reply.has_error():
                 problem = f"client error: {reply.error.reason}"
             else:
@@ -154,6 +215,8 @@ class PackedStrategy:
         self, server_round: int, accepted: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, accepted)
+        if arrays is not None and self.downlink:
+            arrays = self.quantise_global(server_round, arrays)
         if metrics is not None:
             self.train_metrics[server_round] = metrics
         return arrays, metrics
@@ -281,10 +344,41 @@ class PackedStrategy:
 
     # --- checkpoints ------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The server optimiser's state (none for FedAvg), saved with every checkpoint."""
-        return {}
+        """The server optimiser's state and the downlink's (the last delta and which global each
+        node reported holding), saved with every checkpoint."""
+        state = self.optimiser_state()
+        if self.downlink and self.pending is not None:
+            base, wire, result = self.pending
+            state[f"{_DOWN}pending"] = np.frombuffer(base + result, np.uint8).copy()
+            state[f"{_DOWN}delta"] = wire
+        if self.downlink and self.held:
+            nodes = sorted(self.held)
+            state[f"{_DOWN}nodes"] = np.array(nodes, np.uint64)
+            state[f"{_DOWN}held"] = np.array(
+                [list(self.held[n].ljust(compression.DIGEST_BYTES, b"\0")) for n in nodes], np.uint8
+            )
+        return state
 
     def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        down = {k[len(_DOWN) :]: v for k, v in state.items() if k.startswith(_DOWN)}
+        self.load_optimiser_state({k: v for k, v in state.items() if not k.startswith(_DOWN)})
+        if "pending" in down:
+            digests = down["pending"].tobytes()
+            self.pending = (
+                digests[: compression.DIGEST_BYTES],
+                down["delta"],
+                digests[compression.DIGEST_BYTES :],
+            )
+        if "nodes" in down:
+            self.held = {
+                int(n): bytes(h) if any(h) else b"" for n, h in zip(down["nodes"], down["held"], strict=True)
+            }
+
+    def optimiser_state(self) -> dict[str, np.ndarray]:
+        """The server optimiser's state (none for FedAvg)."""
+        return {}
+
+    def load_optimiser_state(self, state: dict[str, np.ndarray]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no optimiser state, got {sorted(state)}")
 
@@ -316,22 +410,22 @@ class PackedFedAvg(PackedStrategy, _FedAvgKeepingUntouched):
 class PackedFedAvgM(PackedStrategy, FedAvgM, _FedAvgKeepingUntouched):
     """FedAvg with server momentum (Hsu et al. 2019) on the packed vectors."""
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def optimiser_state(self) -> dict[str, np.ndarray]:
         return {} if self.momentum_vector is None else {"momentum": self.momentum_vector[0]}
 
-    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+    def load_optimiser_state(self, state: dict[str, np.ndarray]) -> None:
         self.momentum_vector = [state["momentum"]] if "momentum" in state else None
 
 
 class PackedFedAdam(PackedStrategy, FedAdam, _FedAvgKeepingUntouched):
     """FedAdam (Reddi et al. 2021) on the packed vectors."""
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def optimiser_state(self) -> dict[str, np.ndarray]:
         if self.m_t is None:
             return {}
         return {"m_t": self.m_t["values"], "v_t": self.v_t["values"]}
 
-    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+    def load_optimiser_state(self, state: dict[str, np.ndarray]) -> None:
         self.m_t = {"values": state["m_t"]} if "m_t" in state else None
         self.v_t = {"values": state["v_t"]} if "v_t" in state else None
 
