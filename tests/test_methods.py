@@ -165,7 +165,7 @@ def test_a_client_on_another_checkpoint_refuses_to_train(name, app_identity, fre
         }
     )
     msg = Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
-    client_train._receive(client_train.client_method(cfg), msg)  # the same checkpoint is accepted
+    client_train._receive(client_train.client_method(cfg), msg, cfg, 0)  # the same checkpoint is accepted
     client_train._method.cache_clear()
 
     load = client_train.load_model
