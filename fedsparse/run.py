@@ -40,9 +40,8 @@ from fedsparse.methods.device import device_problem, precision_problem
 from fedsparse.privacy.dp import config_problems
 from fedsparse.report.results import already_finished, is_finished
 
-CONFIG_SCHEMA_VERSION = (
-    2  # `schema_version` in conf/config.yaml; 1: configs saved before versions existed (no `schema_version`)
-)
+# `schema_version` in conf/config.yaml; 1: configs saved before versions existed (no `schema_version`)
+CONFIG_SCHEMA_VERSION = 2
 MODES = ("federated", "central")
 # What a resumed run may change: how long it runs and waits, and whether it saves the model.
 # Where it computes (train.device, federation.client_gpus) may change too: the messages do not
