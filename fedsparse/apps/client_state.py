@@ -20,12 +20,12 @@ reply, and the residual carries on as if it had arrived.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
+from fedsparse.atomic import write_atomic
 from fedsparse.data import cache
 from fedsparse.federation import compression
 from fedsparse.methods import Method
@@ -60,12 +60,7 @@ class ResidualStore:
     def save(self, server_round: int, residual: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self._path(server_round)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, residual.astype(np.float32, copy=False))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: np.save(f, residual.astype(np.float32, copy=False)))
         earlier = [r for r in self._rounds() if r < server_round]
         for r in self._rounds():
             if r > server_round or r in earlier[:-1]:
@@ -143,12 +138,7 @@ class GlobalStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         digest = compression.global_digest(values)
         path = self.dir / f"{digest.hex()}.npy"
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, values.astype(np.float32, copy=False))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: np.save(f, values.astype(np.float32, copy=False)))
         names = {f"{d.hex()}.npy" for d in keep | {digest}}
         for other in self.dir.glob("*.npy"):
             if other.name not in names:
