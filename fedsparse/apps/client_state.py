@@ -34,15 +34,21 @@ RUN_KEY = "run-key"  # the train config's entry naming the run's residual store
 HELD_KEY = "held"  # the train reply's info entry: hex digest of the global this client received
 
 
+def _node_dir(kind: str, run_key: str, partition: int, root: Path | None, setting: str, what: str) -> Path:
+    """`<cache dir>/<kind>/<run key>/p<partition>`: where a node keeps its state for one run."""
+    root = root or cache.cache_dir()
+    if root is None:
+        raise RuntimeError(
+            f"{setting} needs the node-local cache for {what}: unset FEDSPARSE_CACHE=off or set FEDSPARSE_CACHE_DIR"
+        )
+    return Path(root) / kind / str(run_key) / f"p{int(partition)}"
+
+
 class ResidualStore:
     def __init__(self, run_key: str, partition: int, root: Path | None = None):
-        root = root or cache.cache_dir()
-        if root is None:
-            raise RuntimeError(
-                "compression.error_feedback needs the node-local cache for its residual: "
-                "unset FEDSPARSE_CACHE=off or set FEDSPARSE_CACHE_DIR"
-            )
-        self.dir = Path(root) / "residuals" / str(run_key) / f"p{int(partition)}"
+        self.dir = _node_dir(
+            "residuals", run_key, partition, root, "compression.error_feedback", "its residual"
+        )
 
     def _rounds(self) -> list[int]:
         if not self.dir.is_dir():
@@ -109,13 +115,9 @@ class GlobalStore:
     A loaded file is checked against its name, so a corrupted file is never trained on."""
 
     def __init__(self, run_key: str, partition: int, root: Path | None = None):
-        root = root or cache.cache_dir()
-        if root is None:
-            raise RuntimeError(
-                "compression.downlink_bits needs the node-local cache for the global it holds: "
-                "unset FEDSPARSE_CACHE=off or set FEDSPARSE_CACHE_DIR"
-            )
-        self.dir = Path(root) / "globals" / str(run_key) / f"p{int(partition)}"
+        self.dir = _node_dir(
+            "globals", run_key, partition, root, "compression.downlink_bits", "the global it holds"
+        )
 
     def load(self, digest: bytes) -> np.ndarray | None:
         path = self.dir / f"{digest.hex()}.npy"
