@@ -146,8 +146,10 @@ def test_a_group_label_shows_what_else_differs(tmp_path):
     write_run(tmp_path, "pafi", 2, [0.5, 0.6], density=0.01, scope="per_tensor")
     write_run(tmp_path, "topk", 0, [0.5, 0.6], index_encoding="varint")
     write_run(tmp_path, "topk", 1, [0.5, 0.6], index_encoding="int32")
+    write_run(tmp_path, "hiwi", 0, [0.5, 0.6], train_down=False)
     labels = [g.method for g in group_runs(load_runs(sorted(tmp_path.iterdir()))[0])]
     assert labels == [
+        "hiwi[merged,fixed-down]",
         "pafi[d=0.01] method.scope=global",
         "pafi[d=0.01] method.scope=per_tensor",
         "pafi[random]",
@@ -330,8 +332,40 @@ def test_a_headline_block_is_one_short_table_and_one_plot(experiment):
     assert not (experiment / "report_metric_vs_round.png").exists()  # only the plot it shows
     assert update_readme(readme, check=True) == 0
     readme.write_text(text.replace("view=headline", "view=nope"))
-    with pytest.raises(ValueError, match="view=nope: use one of full, headline"):
+    with pytest.raises(ValueError, match="view=nope: use one of full, headline, frontier"):
         update_readme(readme, check=True)
+
+
+def test_a_frontier_block_adds_other_experiments_and_labels_each_compression(experiment):
+    """`with=` brings in another experiment's runs (the 32-bit points); `view=frontier` draws one
+    point per group and labels compressed groups as the run names do."""
+    compressed = experiment.parent / "compressed"
+    for seed, curve in enumerate(CURVES["pafi"]):
+        write_run(compressed, "pafi", seed, curve)
+        config = OmegaConf.load(compressed / f"pafi-s{seed}" / "config.yaml")
+        config.compression = {
+            "enabled": True,
+            "bits": 4,
+            "block": 256,
+            "error_feedback": True,
+            "downlink_bits": 4,
+        }
+        OmegaConf.save(config, compressed / f"pafi-s{seed}" / "config.yaml")
+    readme = experiment.parents[2] / "README.md"
+    readme.write_text(
+        "<!-- report:compressed view=frontier with=exp targets=0.8 -->\n<!-- /report:compressed -->\n"
+    )
+    assert update_readme(readme) == 0
+    text = readme.read_text()
+    assert "from `experiments/results/compressed/`, `experiments/results/exp/` (9 runs)" in text
+    assert "| pafi[q4ef,d4] | 0.01 | 3 | 0.8200 ± 0.0200 |" in text
+    assert "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 |" in text and "| hiwi[merged] | 0.01 | 3 |" in text
+    assert "(experiments/results/compressed/report_frontier.png)" in text
+    assert (compressed / "report_frontier.png").read_bytes().startswith(PNG)
+    assert not list(experiment.glob("report_*.png"))  # the other experiment's files are left alone
+    assert update_readme(readme, check=True) == 0
+    readme.write_text(text.replace("with=exp", "with=nothing"))
+    assert update_readme(readme, check=True) == 1
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/results.md"])

@@ -162,7 +162,8 @@ def compare_runs(run_dirs: list[str | Path]) -> tuple[str, list[dict]]:
 
 
 def _variant(config: dict) -> str:
-    """What tells runs of one method apart: HiWi's exchange, PaFi's selection, density, index encoding."""
+    """What tells runs of one method apart: HiWi's exchange and fixed W_down, PaFi's selection,
+    density, index encoding, compression up and down."""
     method, parts = config["method"], []
     if method["name"] == "hiwi":
         parts.append(method["exchange"])
@@ -172,6 +173,13 @@ def _variant(config: dict) -> str:
         parts.append(f"d={method['density']:g}")
     if method["name"] == "topk" and method.get("index_encoding", "int32") != "int32":
         parts.append(method["index_encoding"])
+    if method["name"] == "hiwi" and not method.get("train_down", True):
+        parts.append("fixed-down")
+    compression = config.get("compression") or {}
+    if compression.get("enabled"):  # as in the run names: q<bits>[ef] up, d<bits> down
+        parts.append(f"q{compression['bits']}{'ef' if compression.get('error_feedback') else ''}")
+    if compression.get("downlink_bits"):
+        parts.append(f"d{compression['downlink_bits']}")
     return f"[{','.join(parts)}]" if parts else ""
 
 
