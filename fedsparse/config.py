@@ -105,7 +105,8 @@ def training_settings(cfg: DictConfig) -> dict:
     for key in PLACEMENT_KEYS:
         settings.pop(key, None)
     federation = settings["federation"]
-    federation.pop("round_timeout", None)  # only drops late replies
+    for key in ("round_timeout", "grace_min", "grace_factor"):
+        federation.pop(key, None)  # how long a round waits: they only drop late replies
     if federation["strategy"] != "fedprox":
         federation.pop("proximal_mu", None)  # read by fedprox only
     for section, keys in DEVICE_KEYS.items():

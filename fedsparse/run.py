@@ -49,6 +49,8 @@ MODES = ("federated", "central")
 RESUMABLE = (
     "federation.rounds",
     "federation.round_timeout",
+    "federation.grace_min",
+    "federation.grace_factor",
     "federation.wait_timeout",
     "save_model",
     "train.device",
@@ -96,6 +98,8 @@ def problems(cfg: DictConfig) -> list[str]:
         ),
         (fed.max_examples >= 1, f"federation.max_examples={fed.max_examples}: must be >= 1"),
         (fed.round_timeout > 0, f"federation.round_timeout={fed.round_timeout}: must be > 0 (seconds)"),
+        (fed.grace_min >= 0, f"federation.grace_min={fed.grace_min}: must be >= 0 (seconds)"),
+        (fed.grace_factor >= 0, f"federation.grace_factor={fed.grace_factor}: must be >= 0"),
         (0 <= fed.fail_rate <= 1, f"federation.fail_rate={fed.fail_rate}: must be in [0, 1]"),
         (fed.fail_mode in FAIL_MODES, f"federation.fail_mode={fed.fail_mode}: use one of {FAIL_MODES}"),
         (

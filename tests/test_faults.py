@@ -36,9 +36,12 @@ def test_a_failing_client_below_quorum_skips_the_round(tmp_path):
 
 def test_a_client_past_the_round_timeout_is_left_out(tmp_path):
     rounds, summary = _run(
-        tmp_path, "federation.rounds=1", "federation.fail_mode=timeout", "federation.round_timeout=15"
+        tmp_path, "federation.rounds=1", "federation.fail_mode=timeout", "federation.round_timeout=25"
     )
     comm = rounds[1]["comm"]
     assert rounds[1]["sampled"] == [0, 1, 2]
     assert comm["down"]["messages"] == 3 and comm["up"]["messages"] == 2  # the late reply never came
+    assert [r.split(":", 1)[1] for r in rounds[1]["rejected"]] == [
+        " no reply within federation.round_timeout=25 s"
+    ]
     assert rounds[1]["skipped"] is None and summary["finished"]

@@ -14,6 +14,7 @@ from fedsparse.data.glue import TASKS, describe_shards, dev_split, largest_shard
 from fedsparse.federation.accounting import CommLedger, full_model_bytes
 from fedsparse.federation.sampling import ClientSampler
 from fedsparse.federation.strategy import STRATEGIES, PackedStrategy
+from fedsparse.federation.waiting import WaitRule
 from fedsparse.methods import Method, build_method
 from fedsparse.methods.device import resolve_device
 from fedsparse.methods.model import load_model, load_tokenizer
@@ -49,6 +50,7 @@ def make_strategy(cfg: DictConfig, method: Method, ledger: CommLedger) -> Packed
         compression=cfg.get("compression"),
         seed=int(cfg.seed),
         run_key=run_key(cfg),
+        wait_rule=WaitRule(int(fed.min_replies), float(fed.grace_factor), float(fed.grace_min)),
         **kwargs,
     )
 

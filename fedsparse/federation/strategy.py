@@ -22,6 +22,7 @@ from fedsparse.federation import compression, validation
 from fedsparse.federation.accounting import CommLedger, MeteredGrid
 from fedsparse.federation.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS
 from fedsparse.federation.sampling import ClientSampler
+from fedsparse.federation.waiting import WaitingGrid, WaitRule
 
 compression_digest = compression.global_digest
 HELD_KEY = "held"  # a train reply's info entry: the hex digest of the global the client received
@@ -56,6 +57,7 @@ class PackedStrategy:
         compression: Mapping | None = None,
         seed: int = 0,
         run_key: str | None = None,
+        wait_rule: WaitRule | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -64,6 +66,7 @@ class PackedStrategy:
         self.ledger = ledger
         self.sampler = sampler
         self.min_replies = min_replies
+        self.wait_rule = wait_rule or WaitRule(quorum=min_replies)  # when a round stops waiting
         self.max_examples = max_examples  # a larger `num-examples` would dominate the average
         self.max_reply_bytes = 8 * method.num_values() + 2**20  # values + indices + generous framing
         # compressed uplink: (bits, block) every reply must use, or None
@@ -91,9 +94,15 @@ class PackedStrategy:
         self.untouched: np.ndarray | None = None
         self.client_eval: dict[int, MetricRecord] = {}
 
-    def metered(self, grid: Grid) -> MeteredGrid:
-        """`grid` with every message measured into the ledger under the current round."""
+    def metered(self, grid: Grid, waiting: bool = True) -> MeteredGrid:
+        """`grid` with every message measured into the ledger under the current round; `waiting`:
+        train and evaluate rounds end by `wait_rule` (a SecAgg+ runner keeps the grid's own wait)."""
+        if waiting:
+            grid = WaitingGrid(grid, self.wait_rule, self._no_reply)
         return MeteredGrid(grid, self.ledger, lambda: self.current_round)
+
+    def _no_reply(self, node: int, reason: str) -> None:
+        self.reject(self.current_round, node, reason)
 
     def start(self, grid: Grid, *args, **kwargs):
         return super().start(self.metered(grid), *args, **kwargs)

@@ -157,7 +157,7 @@ class SecAggRunner:
         """`timeout`: seconds each SecAgg+ stage waits for replies (federation.round_timeout)."""
         if timeout is not None:
             self.workflow.timeout = timeout
-        metered = self.strategy.metered(grid)  # the sampler's queries and every SecAgg+ message
+        metered = self.strategy.metered(grid, waiting=False)  # the sampler's queries, every SecAgg+ message
         self.bridge = _LegacyBridge(self.strategy, metered, initial_arrays, train_config, evaluate_fn)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=num_rounds), strategy=self.bridge)
