@@ -7,6 +7,7 @@ interpreter's environment (`BIN`). `ROOT` is the project checkout `flwr run` bui
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -159,27 +160,49 @@ def leftovers(flwr_home: Path) -> list[str]:
 
 
 def superlink_argv(
-    port: int, database: Path | None = None, tls: Path | None = None, simulation: bool = False
-):
-    """`flower-superlink` on 127.0.0.1:`port` (subprocess isolation; `tls`: a generate-certs.sh dir)."""
+    port: int,
+    database: Path | None = None,
+    tls: Path | None = None,
+    simulation: bool = False,
+    supernode_auth: bool = False,
+) -> list[str]:
+    """`flower-superlink` on 127.0.0.1:`port` (subprocess isolation; `tls`: a generate-certs.sh dir; `supernode_auth`: registered keys only)."""
     security = (
         ["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem")]
         + ["--ssl-keyfile", str(tls / "server.key")]
         if tls
         else ["--insecure"]
     )
+    security += ["--enable-supernode-auth"] if supernode_auth else []
     argv = [str(BIN / "flower-superlink"), *security, *(["--simulation"] if simulation else [])]
     argv += ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--database", str(database)] if database else []
     return argv + ["--disable-runtime-dependency-installation"]
 
 
-def supernode_argv(superlink_port: int, partition: int, partitions: int, tls: Path | None = None):
-    """`flower-supernode` for partition `partition` of `partitions`, connecting to 127.0.0.1:`superlink_port`."""
+def supernode_argv(
+    superlink_port: int,
+    partition: int,
+    partitions: int,
+    tls: Path | None = None,
+    auth_key: Path | None = None,
+) -> list[str]:
+    """`flower-supernode` for partition `partition` of `partitions`, connecting to 127.0.0.1:`superlink_port` (`auth_key`: its private key)."""
     security = ["--root-certificates", str(tls / "ca.crt")] if tls else ["--insecure"]
+    security += ["--auth-supernode-private-key", str(auth_key)] if auth_key else []
     argv = [str(BIN / "flower-supernode"), *security, "--superlink", f"127.0.0.1:{superlink_port}"]
     argv += ["--port", str(free_port())]
     return argv + ["--node-config", f"partition-id={partition} num-partitions={partitions}"]
+
+
+def register_supernode(public_key: Path, connection: str, env: dict[str, str]) -> int:
+    """Registers a SuperNode's public key (`flwr supernode register`) and returns its node id."""
+    argv = [str(BIN / "flwr"), "supernode", "register", str(public_key), connection, "--format", "json"]
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 or "{" not in done.stdout:
+        raise RuntimeError(f"flwr supernode register {public_key} failed: {done.stdout}{done.stderr}")
+    reply, _ = json.JSONDecoder().raw_decode(done.stdout, done.stdout.index("{"))
+    return int(reply["node-id"])
 
 
 @dataclass

@@ -1,0 +1,211 @@
+"""Faults in a loopback deployment (a real SuperLink, SuperNodes and `flwr run` on 127.0.0.1):
+what the federation refuses, survives or reports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+from flwr.proto.fleet_pb2 import PullMessagesRequest
+from flwr.proto.node_pb2 import Node
+from flwr.supernode.fleet_http_client import FleetHttpClient
+from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+from harness.federation import DEPLOYMENT
+
+from fedsparse.deploy.loopback import (
+    ROOT,
+    flower_env,
+    flwr_run,
+    free_port,
+    leftovers,
+    processes,
+    register_supernode,
+    superlink_argv,
+    supernode_argv,
+    wait_for_port,
+    write_connection,
+)
+from fedsparse.report.results import read_run
+
+pytestmark = pytest.mark.integration
+
+
+# --- Strangers are refused at runtime (issue 27, item 4) ------------------------------------------
+# One TLS SuperLink with SuperNode authentication (docs/deployment.md "SuperNode authentication")
+# and the DEPLOYMENT run on its two registered sites, while three strangers try to join, each an
+# impostor for a site's partition id (if one got in, the node identity policy would see two nodes
+# answer for that id, note the conflict and leave both out of sampling):
+#   stranger   the right CA, its own key, never registered   -> the SuperLink refuses activate-node (2004)
+#   anonymous  the right CA, no key (Flower self-registers)  -> the SuperLink refuses register-node (2001)
+#   foreign    a registered key, another CA's root certificate -> the node refuses the SuperLink (TLS)
+STRANGERS_ROUNDS = 1  # the strangers are refused within seconds; one round keeps the test short
+# a stranger that got in would conflict with a site at the start: the run then fails after 120 s
+STRANGERS_SETTINGS = [
+    *DEPLOYMENT,
+    f"federation.rounds={STRANGERS_ROUNDS}",
+    "federation.round_timeout=120",
+    "federation.wait_timeout=120",
+]
+STRANGERS_REFUSALS = {  # name -> what its log must say (Flower 1.41's words)
+    "stranger": "[code: 2004] Failed to activate SuperNode.",
+    "anonymous": "[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered",
+    "foreign": "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed",
+}
+
+
+def _strangers_script(*args: str, env: dict[str, str] | None = None) -> None:
+    """Runs scripts/`args[0]` with the remaining arguments (certificates, keys)."""
+    script, *rest = args
+    subprocess.run(["bash", str(ROOT / "scripts" / script), *rest], check=True, capture_output=True, env=env)
+
+
+def _strangers_pem(public_key: Path) -> bytes:
+    """An OpenSSH public key as the SuperLink stores it (PEM SubjectPublicKeyInfo)."""
+    key = load_ssh_public_key(public_key.read_bytes())
+    return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _strangers_pull_status(port: int, ca: Path, private_key: Path, node_id: int) -> int:
+    """HTTP status of one pull-messages request signed with `private_key` that claims to be
+    `node_id`, sent the way a SuperNode sends it (Flower's own Fleet client, no retries)."""
+    key = load_ssh_private_key(private_key.read_bytes(), None)
+    interceptor = NodeAuthHttpInterceptor(key, key.public_key())
+    client = FleetHttpClient.from_server_address(f"127.0.0.1:{port}", False, ca.read_bytes(), [interceptor])
+    with client:
+        try:
+            client.PullMessages(PullMessagesRequest(node=Node(node_id=node_id)))
+        except httpx.HTTPStatusError as exc:
+            return exc.response.status_code
+    return 200
+
+
+def _strangers_nodes(state_db: Path) -> dict[int, tuple[bytes, str, str | None]]:
+    """The SuperLink's node table (Flower 1.41's SQL link state, read-only): node id -> (public
+    key, status, last activation). Node ids are stored as signed 64-bit integers."""
+    with sqlite3.connect(f"file:{state_db}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT node_id, public_key, status, last_activated_at FROM node").fetchall()
+    return {(n + 2**64 if n < 0 else n): (key, status, activated) for n, key, status, activated in rows}
+
+
+def test_strangers_are_refused_while_the_registered_sites_finish_the_run(tmp_path):
+    for tool in ("openssl", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: cannot generate certificates and keys")
+    began = time.monotonic()
+    certs, other_ca, keys = tmp_path / "certificates", tmp_path / "other-ca", tmp_path / "keys"
+    # no Runtime API certificates (the SuperNodes' Runtime APIs stay local), 2048-bit keys: faster
+    no_node_certs = dict(os.environ, SUPERNODES="", BITS="2048")
+    _strangers_script("generate-certs.sh", str(certs), env=no_node_certs)
+    _strangers_script("generate-certs.sh", str(other_ca), env=no_node_certs)  # a second, unrelated CA
+    _strangers_script("generate-supernode-keys.sh", str(keys), "site-0", "site-1", "foreign", "stranger")
+
+    home, port, out = tmp_path / "flwr-home", free_port(), tmp_path / "results"
+    write_connection(home, "strangers", port, root_certificates=certs / "ca.crt")
+    env = flower_env(home)
+    rounds_file = out / "strangers" / "rounds.jsonl"
+    refused_after: dict[str, float] = {}
+    with processes(tmp_path, home) as start, ThreadPoolExecutor(3) as pool:
+        link = start(
+            "superlink", superlink_argv(port, tmp_path / "state.db", certs, supernode_auth=True), env
+        )
+        wait_for_port(port, link)
+        registered = dict(
+            zip(
+                ("site-0", "site-1", "foreign"),
+                pool.map(
+                    lambda name: register_supernode(keys / f"{name}.pub", "strangers", env),
+                    ("site-0", "site-1", "foreign"),
+                ),
+            )
+        )
+
+        def supernode(name: str, partition: int, ca: Path, key: Path | None):
+            return start(name, supernode_argv(port, partition, 2, ca, auth_key=key), env)
+
+        # the strangers start first (under load their first request may still come after the sites')
+        launched = time.monotonic()
+        strangers = {
+            "stranger": supernode("stranger", 0, certs, keys / "stranger"),
+            "anonymous": supernode("anonymous", 1, certs, None),
+            "foreign": supernode("foreign", 1, other_ca, keys / "foreign"),
+        }
+        supernode("site-0", 0, certs, keys / "site-0")
+        supernode("site-1", 1, certs, keys / "site-1")
+        settings = " ".join([*STRANGERS_SETTINGS, f"output_dir={out}", "run_name=strangers"])
+        run = pool.submit(flwr_run, "strangers", settings, env, timeout=300)
+        pulls = None
+        while not run.done():
+            for name, proc in strangers.items():
+                if name not in refused_after and proc.poll() is not None:
+                    refused_after[name] = time.monotonic() - launched
+            if pulls is None and rounds_file.exists():  # round 0 is written: the sites are online
+                # a stranger that skips activation and claims site-0's node id, and site-1
+                # (registered) claiming site-0's id: both refused before any message is read
+                pulls = {
+                    who: _strangers_pull_status(port, certs / "ca.crt", keys / who, registered["site-0"])
+                    for who in ("stranger", "site-1")
+                }
+            time.sleep(0.2)
+        result = run.result()
+        for proc in strangers.values():
+            proc.wait(timeout=30)  # they exited long ago; a stranger that retries forever fails here
+        nodes = _strangers_nodes(tmp_path / "state.db")
+    assert leftovers(home) == []
+    output = result.stdout + result.stderr
+    (tmp_path / "flwr-run.log").write_text(output)
+    refused = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in sorted(refused_after.items()))
+    print(
+        f"set-up {launched - began:.0f} s; strangers refused after: {refused}; the test took {time.monotonic() - began:.0f} s"
+    )
+
+    # The registered sites ran every round, and only they: both partitions by the same two nodes,
+    # no identity conflict, no dropped reply.
+    assert result.returncode == 0, output
+    _, rounds, summary = read_run(out / "strangers")
+    assert [r["round"] for r in rounds] == list(range(STRANGERS_ROUNDS + 1))
+    assert [r["sampled"] for r in rounds] == [[], *[[0, 1]] * STRANGERS_ROUNDS], output
+    for record in rounds[1:]:
+        assert record["comm"]["down"]["messages"] == record["comm"]["up"]["messages"] == 2
+        assert record["skipped"] is None and record["rejected"] == []
+    assert all(r["node_notes"] == [] for r in rounds), [r["node_notes"] for r in rounds]
+    assert summary["finished"] and summary["rounds_done"] == STRANGERS_ROUNDS
+    assert summary["rejected_replies"] == 0 and summary["skipped_rounds"] == []
+
+    # Each stranger gave up (Flower 1.41: "Exit Code: 305" logged, process status 1) without a
+    # node id, so nothing was ever addressed to it; the sites got the ids they were registered with.
+    for name, proc in strangers.items():
+        log = (tmp_path / f"{name}.log").read_text()
+        assert proc.returncode == 1 and "Exit Code: 305" in log, log
+        assert STRANGERS_REFUSALS[name] in log, log
+        assert "SuperNode ID" not in log, log
+    for site in ("site-0", "site-1"):
+        assert f"SuperNode ID: {registered[site]}" in (tmp_path / f"{site}.log").read_text()
+    link_log = (tmp_path / "superlink.log").read_text()
+    assert "[/v1/fleet/activate-node][ApiError:2004]" in link_log
+    assert "[/v1/fleet/register-node][ApiError:2001]" in link_log
+
+    # The SuperLink knows the three registered keys and no other; the foreign-CA node's key is
+    # registered but was never activated (its TLS handshake failed before any request).
+    assert set(nodes) == set(registered.values())
+    assert _strangers_pem(keys / "stranger.pub") not in {key for key, _, _ in nodes.values()}
+    for name, node_id in registered.items():
+        assert nodes[node_id][0] == _strangers_pem(keys / f"{name}.pub")
+    assert nodes[registered["foreign"]][1:] == ("registered", None)
+    assert all(nodes[registered[site]][2] is not None for site in ("site-0", "site-1"))
+
+    # Skipping activation does not help: a pull-messages request signed with a key that does not
+    # own the node id it claims is refused (401), whether the key is unregistered or another site's.
+    assert pulls == {"stranger": 401, "site-1": 401}
