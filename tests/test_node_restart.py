@@ -4,8 +4,6 @@ partition passes to the new node (docs/deployment.md "Node identity", `fedsparse
 
 from __future__ import annotations
 
-import json
-import re
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from harness.federation import DEPLOYMENT
-from harness.loopback import running_superlink
+from harness.loopback import complete_lines, logged_node_id, running_superlink
 
 from fedsparse.deploy.loopback import flwr_run, supernode_argv
 
@@ -31,16 +29,6 @@ SETTINGS = [  # the loopback deployment's run (harness.federation), one client p
     "federation.rounds=3",
     "federation.round_timeout=120",
 ]
-
-
-def _lines(path: Path) -> list[dict]:
-    """The complete lines written so far."""
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-
-def _node_id(log: Path) -> int:
-    return int(re.search(r"SuperNode ID: (\d+)", log.read_text()).group(1))
 
 
 def _listed_for(state_db: Path, node_id: int) -> float:
@@ -64,12 +52,12 @@ def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
         supernode("supernode-1", 1)
         settings = " ".join([*SETTINGS, f"output_dir={out}", "run_name=restart"])
         run = pool.submit(flwr_run, "loopback", settings, link.env)
-        while len(_lines(rounds_file)) < 2 and not run.done():  # round 0 (initial state), round 1
+        while len(complete_lines(rounds_file)) < 2 and not run.done():  # round 0 (initial state), round 1
             time.sleep(0.2)
         # Kill within 15 s of a heartbeat (they come every 17.5-22.5 s, so this waits 7.5 s at
         # most, early in round 2): the dead node is then listed for 45 s more, past the end of
         # round 2 (~20 s) and so past the next discovery.
-        old = _node_id(tmp_path / "supernode-0.log")
+        old = logged_node_id(tmp_path / "supernode-0.log")
         while _listed_for(tmp_path / "state.db", old) < 45 and not run.done():
             time.sleep(0.2)
         first.kill()  # SIGKILL: no goodbye to the SuperLink
@@ -81,11 +69,11 @@ def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
     output = result.stdout + result.stderr
     (tmp_path / "flwr-run.log").write_text(output)
     assert result.returncode == 0, output
-    rounds = _lines(rounds_file)
+    rounds = complete_lines(rounds_file)
     assert [r["sampled"] for r in rounds] == [[], [0], [1], [0]], output
     last = rounds[-1]
     assert last["skipped"] is None and last["rejected"] == [] and last["comm"]["up"]["messages"] == 1
-    new = _node_id(tmp_path / "supernode-0-restarted.log")
+    new = logged_node_id(tmp_path / "supernode-0-restarted.log")
     assert new != old  # insecure mode: a fresh key pair, so a new node id
     assert f"node {old} did not report its partition id: Error: Node Unavailable" in output
     assert f"node {old} held partition-id=0 and no longer answers: the id passes to node {new}" in output

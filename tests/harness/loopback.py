@@ -4,6 +4,8 @@ socket bytes within the accounted bytes plus Flower's overhead, set-up paid per 
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +46,17 @@ def deploy_tiny(
     if tls:
         assert done.plaintext is not None and done.plaintext.returncode != 0
     return done
+
+
+def complete_lines(path: Path) -> list[dict]:
+    """The complete JSON lines a running server has written so far (e.g. rounds.jsonl)."""
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def logged_node_id(log: Path) -> int:
+    """The node id a SuperNode logged when it connected."""
+    return int(re.search(r"SuperNode ID: (\d+)", log.read_text()).group(1))
 
 
 @dataclass
