@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
+import psutil
 import pytest
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -39,6 +41,7 @@ from fedsparse.deploy.loopback import (
     wait_for_port,
     write_connection,
 )
+from fedsparse.federation import checkpoint
 from fedsparse.report.results import read_run
 
 pytestmark = pytest.mark.integration
@@ -104,6 +107,60 @@ def test_a_supernode_killed_mid_round_costs_a_grace_period_and_rejoins(tmp_path)
     assert third["comm"]["up"]["messages"] == 3
     assert any(f"passes to node {new}" in note for r in rounds for note in r["node_notes"]), rounds
     assert summary["finished"] and summary["rounds_done"] == 3 and summary["skipped_rounds"] == []
+
+
+# --- The ServerApp killed mid-run is resumed (issue 27, item 2) ----------------------------------
+# The DEPLOYMENT run (2 rounds, the `simulated` fixture's config): its ServerApp process is killed
+# (SIGKILL) during round 2, and `flwr run` with the same overrides plus `resume=<run dir>` finishes
+# it from the round-1 checkpoint on the same SuperLink and SuperNodes.
+
+
+def _serverapps(home: Path) -> list[psutil.Process]:
+    """The `flwr-serverapp` processes the SuperLink started for this FLWR_HOME."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.environ().get("FLWR_HOME") == str(home) and "flwr-serverapp" in " ".join(
+                proc.info["cmdline"]
+            ):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def test_a_killed_serverapp_is_resumed_with_flwr_run_to_the_uninterrupted_final_state(
+    tmp_path, loopback_deployment, simulated
+):
+    out = tmp_path / "results"
+    run_dir = out / "served"
+    settings = [*DEPLOYMENT, "federation.rounds=2", f"output_dir={out}", "run_name=served"]
+    with running_superlink(tmp_path, "loopback") as link, ThreadPoolExecutor(1) as pool:
+        for partition in range(2):
+            link.start(f"supernode-{partition}", supernode_argv(link.port, partition, 2), link.env)
+        first = pool.submit(flwr_run, "loopback", " ".join(settings), link.env)
+        while len(complete_lines(run_dir / "rounds.jsonl")) < 2 and not first.done():  # rounds 0, 1
+            time.sleep(0.2)
+        killed = _serverapps(link.home)
+        for proc in killed:
+            proc.kill()
+        interrupted = first.result()
+        assert len(killed) == 1 and not checkpoint.load(run_dir).history[-1]["round"] == 2
+        began = time.monotonic()
+        resumed = flwr_run("loopback", " ".join([*settings, f"resume={run_dir}"]), link.env)
+        took = time.monotonic() - began
+    output = resumed.stdout + resumed.stderr
+    (tmp_path / "flwr-run-1.log").write_text(interrupted.stdout + interrupted.stderr)
+    (tmp_path / "flwr-run-2.log").write_text(output)
+    print(f"interrupted run: exit {interrupted.returncode}; resumed run: {took:.0f} s")
+    assert resumed.returncode == 0 and "resuming after round 1" in output, output
+    _, rounds, summary = read_run(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1, 2] and summary["finished"]
+    # bit for bit the uninterrupted deployment's final global vector; the simulation's up to float
+    # summation order (its actors train with other thread counts than a ClientApp process)
+    final = checkpoint.load(run_dir).values
+    np.testing.assert_array_equal(final, checkpoint.load(loopback_deployment.run_dir).values)
+    np.testing.assert_allclose(final, checkpoint.load(simulated).values, rtol=0, atol=1e-6)
 
 
 # --- Strangers are refused at runtime (issue 27, item 4) ------------------------------------------
