@@ -30,6 +30,7 @@ from harness.loopback import complete_lines, logged_node_id, running_superlink
 
 from fedsparse.deploy.loopback import (
     ROOT,
+    deploy,
     flower_env,
     flwr_run,
     free_port,
@@ -41,6 +42,7 @@ from fedsparse.deploy.loopback import (
     wait_for_port,
     write_connection,
 )
+from fedsparse.deploy.relay import DOWN, UP, Faults
 from fedsparse.federation import checkpoint
 from fedsparse.report.results import read_run
 
@@ -161,6 +163,47 @@ def test_a_killed_serverapp_is_resumed_with_flwr_run_to_the_uninterrupted_final_
     final = checkpoint.load(run_dir).values
     np.testing.assert_array_equal(final, checkpoint.load(loopback_deployment.run_dir).values)
     np.testing.assert_allclose(final, checkpoint.load(simulated).values, rtol=0, atol=1e-6)
+
+
+# --- A bad network (issue 27, item 3) -------------------------------------------------------------
+# Full fine-tuning of the tiny model (8 MB messages) through a relay that delays every chunk by
+# 20 ms each way, caps each connection at 4 MB/s and resets the first connection that carries
+# 2 MB in each direction: a node's pull of a message (or the FAB) and a node's push of its reply
+# are cut in the middle.
+NETWORK_FAULTS = Faults(latency=0.02, bandwidth=4e6, cut={UP: 2_000_000, DOWN: 2_000_000})
+
+
+def test_a_bad_network_slows_rounds_but_corrupts_nothing_and_every_byte_is_counted(tmp_path):
+    settings = [o for o in DEPLOYMENT if not o.startswith("method.")]
+    extra = ["method=full", "federation.rounds=2", "federation.round_timeout=300", "federation.grace_min=60"]
+    began = time.monotonic()
+    done = deploy(tmp_path, [*settings, *extra], faults=NETWORK_FAULTS, timeout=500)
+    output = done.run.stdout + done.run.stderr
+    (tmp_path / "flwr-run.log").write_text(output)
+    print(f"cuts {done.cuts}; {time.monotonic() - began:.0f} s; socket {done.socket}")
+    assert done.run.returncode == 0 and "Traceback" not in output, output
+    assert sorted(done.cuts) == [(DOWN, 2_000_000), (UP, 2_000_000)]
+    _, rounds, summary = read_run(done.run_dir)
+    assert [r["round"] for r in rounds] == [0, 1, 2] and summary["finished"]
+    # Flower 1.41's SuperNode retries a request whose connection failed ("Connection attempt
+    # failed, retrying"), so the cut pull and the cut push are sent again whole, and both rounds
+    # aggregate both replies (the quorum rules would skip a round that lost too many)
+    logs = "".join((tmp_path / f"supernode-{p}.log").read_text() for p in range(2))
+    assert "Connection attempt failed, retrying" in logs
+    for record in rounds[1:]:
+        assert record["skipped"] is None and record["rejected"] == [], record
+        assert record["comm"]["up"]["messages"] == 2 and np.isfinite(record["dev"]["loss"])
+    assert np.isfinite(checkpoint.load(done.run_dir).values).all()
+    accounted = {
+        d: sum(r["comm"][d]["bytes"] + r["comm"][f"eval_{d}"]["bytes"] for r in rounds) for d in (UP, DOWN)
+    }
+    for d in (UP, DOWN):  # what crossed before each cut is counted too, and then sent again
+        assert sum(w[d] for w in done.socket) >= accounted[d] + 2_000_000
+    # the relay counted every byte that crossed, the cut ones and the retries included
+    for record, sock in zip(rounds[1:], done.socket[1:]):  # socket[r]: the bytes of round r
+        comm = record["comm"]
+        for d in (UP, DOWN):
+            assert sock[d] >= comm[d]["bytes"] + comm[f"eval_{d}"]["bytes"], (record["round"], d, sock)
 
 
 # --- Strangers are refused at runtime (issue 27, item 4) ------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from fedsparse.deploy.relay import Relay, windows
+from fedsparse.deploy.relay import Faults, Relay, windows
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,26 +209,33 @@ def register_supernode(public_key: Path, connection: str, env: dict[str, str]) -
 class Deployment:
     """What `deploy` leaves behind: the run directory, `flwr run`'s output, the bytes per window
     that crossed the SuperNode <-> SuperLink sockets ([r]: round r, the bytes up to the
-    rounds.jsonl line that closes it; [0] registration and start; [-1] the shutdown), and what a
-    plaintext client got from a TLS SuperLink (None without TLS)."""
+    rounds.jsonl line that closes it; [0] registration and start; [-1] the shutdown), what a
+    plaintext client got from a TLS SuperLink (None without TLS) and the connections cut."""
 
     run_dir: Path
     run: subprocess.CompletedProcess
     socket: list[dict[str, int]] = field(default_factory=list)
     plaintext: subprocess.CompletedProcess | None = None
+    cuts: list[tuple[str, int]] = field(default_factory=list)  # the relay's cut connections
 
 
 def deploy(
-    work: Path, settings: list[str], tls: Path | None = None, nodes: int = 2, timeout: float = 400
+    work: Path,
+    settings: list[str],
+    tls: Path | None = None,
+    nodes: int = 2,
+    timeout: float = 400,
+    faults: Faults | None = None,
 ) -> Deployment:
     """One `flwr run` with the run-config `settings` on a SuperLink and `nodes` SuperNodes (each
-    connected through a counting relay), all started under `work` and stopped before it returns.
-    `tls`: a scripts/generate-certs.sh directory. Raises if any process outlives it."""
+    connected through a counting relay, a bad network with `faults`), all started under `work`
+    and stopped before it returns. `tls`: a scripts/generate-certs.sh directory. Raises if any
+    process outlives it."""
     home, port, out = work / "flwr-home", free_port(), work / "results"
     write_connection(home, "loopback", port, root_certificates=tls / "ca.crt" if tls else None)
     env = flower_env(home)
     plaintext = None
-    with Relay(("127.0.0.1", port)) as relay, processes(work, home) as start:
+    with Relay(("127.0.0.1", port), faults=faults) as relay, processes(work, home) as start:
         relay.watch(out / "deployed" / "rounds.jsonl")
         link = start("superlink", superlink_argv(port, work / "state.db", tls), env)
         wait_for_port(port, link)
@@ -244,4 +251,4 @@ def deploy(
     left = leftovers(home)
     if left:
         raise RuntimeError(f"processes outlived the deployment: {left}")
-    return Deployment(out / "deployed", run, windows(relay.marks, relay.snapshot()), plaintext)
+    return Deployment(out / "deployed", run, windows(relay.marks, relay.snapshot()), plaintext, relay.cuts)
