@@ -20,8 +20,14 @@ class ScriptedGrid:
 
     pull_interval = 0.01
 
-    def __init__(self, delays: dict[int, float], errors: frozenset[int] = frozenset()):
-        self.delays, self.errors = delays, errors
+    def __init__(
+        self,
+        delays: dict[int, float],
+        errors: frozenset[int] = frozenset(),
+        link_errors: frozenset[int] = frozenset(),
+    ):
+        """`link_errors`: nodes the SuperLink answers for (an error reply whose source is node 1)."""
+        self.delays, self.errors, self.link_errors = delays, errors, link_errors
         self.due: dict[str, tuple[float, Message]] = {}
         self.queried = 0
 
@@ -30,8 +36,11 @@ class ScriptedGrid:
         for m in messages:
             m.metadata.__dict__["_message_id"] = message_id = f"{m.metadata.dst_node_id}-{len(self.due)}"
             node = m.metadata.dst_node_id
-            content = Error(code=0, reason="Node Unavailable") if node in self.errors else RecordDict()
-            self.due[message_id] = (time.monotonic() + self.delays[node], Message(content, reply_to=m))
+            failed = node in self.errors | self.link_errors
+            reply = Message(Error(code=0, reason="Node Unavailable") if failed else RecordDict(), reply_to=m)
+            if node in self.link_errors:
+                reply.metadata.__dict__["_src_node_id"] = 1  # Flower internals: the SuperLink's own reply
+            self.due[message_id] = (time.monotonic() + self.delays[node], reply)
             ids.append(message_id)
         return ids
 
@@ -112,3 +121,9 @@ def test_queries_keep_the_grids_own_wait():
     grid = ScriptedGrid({1: 0.0})
     _round(grid, WaitRule(), kind=MessageType.QUERY)
     assert grid.queried == 1 and grid.due == {}
+
+
+def test_an_error_reply_from_the_superlink_is_recorded_against_the_node_it_stands_for():
+    grid = ScriptedGrid({7: 0.05, 8: 0.1}, link_errors=frozenset({8}))
+    replied, missing, _, _ = _round(grid, WaitRule(quorum=1, grace_min=5.0))
+    assert replied == [7] and missing == {8: "the SuperLink answered: Node Unavailable"}

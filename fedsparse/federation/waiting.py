@@ -8,7 +8,8 @@ then costs its round that grace period, not the round timeout, while a healthy n
 slower than the fastest ones still counts: with deployed nodes training in parallel, a node up to
 `1 + grace_factor` times slower than the quorum's last one makes it; in a simulation, where a few
 actors serve the clients one after another, each reply restarts the period, so a queue of
-healthy clients is never cut. Nodes that did not answer are reported to `on_missing` with the
+healthy clients is never cut. Nodes that did not answer, and those the SuperLink answered
+for (`Node Unavailable`, with the SuperLink as the source), are reported to `on_missing` with the
 reason; a reply that arrives later, up to the end of the next round's wait, is logged and ignored.
 """
 
@@ -75,9 +76,15 @@ class WaitingGrid:
                 if reply.metadata.reply_to_message_id in late:
                     _log_late(reply, late.pop(reply.metadata.reply_to_message_id))
                     continue
-                pending.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
+                message_id = reply.metadata.reply_to_message_id
+                pending.discard(message_id)
                 last = now
+                if reply.has_error() and reply.metadata.src_node_id != node_of.get(message_id):
+                    # the SuperLink's own error reply (e.g. Node Unavailable) names the SuperLink as
+                    # its source: record it against the node it stands for
+                    self._on_missing(node_of[message_id], f"the SuperLink answered: {reply.error.reason}")
+                    continue
+                replies.append(reply)
             if quorum_at is None and sum(not r.has_error() for r in replies) >= self._rule.quorum:
                 quorum_at = now
             end = hard if quorum_at is None else min(hard, last + self._rule.grace(quorum_at - started))
