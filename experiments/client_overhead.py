@@ -28,6 +28,8 @@ from pathlib import Path
 
 from common import write_result
 
+from fedsparse.deploy.loopback import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys, time
@@ -49,13 +51,6 @@ t["train"] = time.time() - start - t["overhead"]
 t["overhead cpu"], t["train cpu"] = cpu, time.process_time() - cpu
 print("RESULT", json.dumps(t))
 """
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 def measure(env: dict[str, str]) -> dict[str, float]:
@@ -63,7 +58,7 @@ def measure(env: dict[str, str]) -> dict[str, float]:
     start = time.time()
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(start)],
-        env={**os.environ, **ENV, **env},
+        env={**os.environ, **OFFLINE_ENV, **env},
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -48,17 +48,13 @@ from common import write_result
 from ray._private import state as ray_state
 
 from fedsparse.apps.simulation import set_ray_defaults
-from fedsparse.deploy.loopback import free_port
+from fedsparse.deploy.loopback import OFFLINE_ENV, free_port
 from fedsparse.federation.checkpoint import load
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+    **OFFLINE_ENV,
     "PYTHONPATH": str(ROOT),
 }
 # the environment of every `ray start` (so of every worker), in both clusters

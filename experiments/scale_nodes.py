@@ -31,6 +31,7 @@ from fedsparse.deploy.loopback import (
     flwr_run,
     free_port,
     processes,
+    started_with,
     superlink_argv,
     supernode_argv,
     wait_for_port,
@@ -44,10 +45,8 @@ MB = 2**20
 def _usage(home: Path) -> dict[str, dict]:
     """Resident MB and CPU seconds of every process started with this FLWR_HOME, by kind."""
     usage: dict[str, dict] = {}
-    for proc in psutil.process_iter():
+    for proc in started_with(home):
         try:
-            if proc.environ().get("FLWR_HOME") != str(home):
-                continue
             cmd = " ".join(proc.cmdline())
             kind = next(
                 (

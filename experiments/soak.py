@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 from common import write_result
 
-from fedsparse.deploy.loopback import deploy
+from fedsparse.deploy.loopback import deploy, started_with
 
 TINY = ["+experiment=smoke", "data.max_eval_examples=32", "save_model=false"]
 MB = 2**20
@@ -119,14 +119,7 @@ def soak_deployment(rounds: int, work: Path) -> dict:
     home = work / "flwr-home"
 
     def sample() -> dict[str, float]:
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get("FLWR_HOME") == str(home):
-                    found.append(proc)
-            except (psutil.Error, OSError):
-                continue
-        return _sample(found)
+        return _sample(started_with(home))
 
     per_round, stop = [], threading.Event()
     rounds_file = work / "results" / "deployed" / "rounds.jsonl"

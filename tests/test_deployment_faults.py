@@ -37,6 +37,7 @@ from fedsparse.deploy.loopback import (
     leftovers,
     processes,
     register_supernode,
+    started_with,
     superlink_argv,
     supernode_argv,
     wait_for_port,
@@ -120,13 +121,11 @@ def test_a_supernode_killed_mid_round_costs_a_grace_period_and_rejoins(tmp_path)
 def _serverapps(home: Path) -> list[psutil.Process]:
     """The `flwr-serverapp` processes the SuperLink started for this FLWR_HOME."""
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in started_with(home):
         try:
-            if proc.environ().get("FLWR_HOME") == str(home) and "flwr-serverapp" in " ".join(
-                proc.info["cmdline"]
-            ):
+            if "flwr-serverapp" in " ".join(proc.cmdline()):
                 found.append(proc)
-        except (psutil.Error, OSError):
+        except psutil.Error:  # it ended meanwhile
             continue
     return found
 

@@ -33,16 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What every Flower and fedsparse process here runs with: offline, no runtime installs.
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(
-        os.environ,
-        FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home)}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)  # a caller's Ray head (the tests' shared one) is not for Flower's own runs
     return env
@@ -147,16 +149,21 @@ def flwr_run(
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def leftovers(flwr_home: Path) -> list[str]:
-    """Processes still alive that were started with this FLWR_HOME (there must be none)."""
+def started_with(flwr_home: Path) -> list[psutil.Process]:
+    """Processes alive now that were started with this FLWR_HOME (this process left out)."""
     found = []
     for proc in psutil.process_iter(["pid", "name"]):
         try:
             if proc.pid != os.getpid() and proc.environ().get("FLWR_HOME") == str(flwr_home):
-                found.append(f"{proc.info['pid']} {proc.info['name']}")
+                found.append(proc)
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def leftovers(flwr_home: Path) -> list[str]:
+    """Processes still alive that were started with this FLWR_HOME (there must be none)."""
+    return [f"{proc.info['pid']} {proc.info['name']}" for proc in started_with(flwr_home)]
 
 
 def superlink_argv(
