@@ -29,7 +29,7 @@ NEUTRAL_SETTINGS = {
     "federation": {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"},
     "train": {"head_lr_scale": 1.0, "precision": "fp32"},
     "method": {"train_down": True},  # HiWi: W_down trains, as before the setting existed
-    "compression": {"downlink_bits": 0},
+    "compression": {"downlink_bits": 0, "downlink_error_feedback": False},
 }
 # Where a run computes, not what: left out of its training settings (a run resumed or rerun on
 # another device keeps its name; docs/configuration.md, Devices, says what stays bit-identical).
@@ -148,7 +148,9 @@ def auto_run_name(cfg: DictConfig) -> str:
         method.name,
         variant,
         f"q{c.bits}{'ef' if c.error_feedback else ''}" if c is not None and c.enabled else None,
-        f"d{c.downlink_bits}" if c is not None and c.get("downlink_bits", 0) else None,
+        f"d{c.downlink_bits}{'ef' if c.get('downlink_error_feedback') else ''}"
+        if c is not None and c.get("downlink_bits", 0)
+        else None,
         cfg.task.name,
         f"a{fed.alpha:g}",
         f"lr{cfg.train.lr:g}",

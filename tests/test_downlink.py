@@ -99,11 +99,15 @@ def _start(cfg) -> np.ndarray:
     return build_method(load_model("tiny-bert", 2, cfg.seed), cfg.method).initial_state()
 
 
-def test_server_and_clients_hold_the_bit_identical_global_every_round(app_identity, store_dir, monkeypatch):
+@pytest.mark.parametrize("feedback", [False, True], ids=["plain", "error-feedback"])
+def test_server_and_clients_hold_the_bit_identical_global_every_round(
+    app_identity, store_dir, monkeypatch, feedback
+):
     """Four rounds, 2 of 3 clients each: every client rebuilds exactly the server's global; round 1
     sends no vector (only its digest); a client that trained in the round before gets the delta, one
-    that skipped it the full vector; the server's global is the quantised one it broadcast."""
-    cfg = compose_config(OVERRIDES)
+    that skipped it the full vector; the server's global is the quantised one it broadcast (also
+    when the server carries its rounding error into the next round's change)."""
+    cfg = compose_config(OVERRIDES + [f"compression.downlink_error_feedback={feedback}"])
     _kill()
     rec = Recorder(monkeypatch)
     final, strategy = _federate(cfg, rec, 4, 0, _start(cfg))
@@ -177,11 +181,13 @@ def _train_msg() -> Message:
     return Message(content=RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
 
 
-def test_resume_rebuilds_the_same_globals_after_a_kill(app_identity, store_dir, monkeypatch):
+@pytest.mark.parametrize("feedback", [False, True], ids=["plain", "error-feedback"])
+def test_resume_rebuilds_the_same_globals_after_a_kill(app_identity, store_dir, monkeypatch, feedback):
     """Rounds 1-4 uninterrupted against: rounds 1-2, a checkpoint of the server's state, round 3
     (the clients store its global), a kill before round 3's checkpoint, and rounds 3-4 again from
-    the round-2 checkpoint. Same globals on both, bit for bit, and the clients rebuild them."""
-    cfg = compose_config(OVERRIDES)
+    the round-2 checkpoint. Same globals on both, bit for bit, and the clients rebuild them; the
+    server's error-feedback residual is part of the checkpoint."""
+    cfg = compose_config(OVERRIDES + [f"compression.downlink_error_feedback={feedback}"])
     start = _start(cfg)
     monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(store_dir / "a"))
     _kill()
@@ -195,6 +201,7 @@ def test_resume_rebuilds_the_same_globals_after_a_kill(app_identity, store_dir, 
     after_two, strategy = _federate(cfg, rec, 2, 0, start)
     state = {k: v.copy() for k, v in strategy.state_arrays().items()}
     assert {"downlink-pending", "downlink-delta", "downlink-nodes", "downlink-held"} <= set(state)
+    assert ("downlink-residual" in state) == feedback
     _federate(cfg, rec, 1, 2, after_two, state)  # round 3; the server dies before its checkpoint
     _kill()
     resumed, _ = _federate(cfg, rec, 2, 2, after_two, state)
@@ -204,6 +211,32 @@ def test_resume_rebuilds_the_same_globals_after_a_kill(app_identity, store_dir, 
     for ref, got in zip(reference, rec.sent[:4] + rec.sent[6:], strict=True):
         np.testing.assert_array_equal(ref, got[3])
     assert any(k == "delta" for r, _, k, _ in rec.sent[6:] if r == 3)  # the rerun uses the kept base
+
+
+def test_downlink_error_feedback_keeps_the_broadcast_on_the_aggregates_path():
+    """Fifty rounds of a server whose aggregate moves every value by the same small change d: without
+    error feedback the broadcast globals drift from the sum of the aggregates' changes like a random
+    walk of 2-bit roundings; with it, the drift is minus the residual, and the residual stays below
+    one step of each round's grid (2 s / 3, s = max |d + residual| over the block)."""
+    method = build_method(load_model("tiny-bert", 2, 0), compose(OVERRIDES).method)
+    g0 = method.initial_state()
+    d = np.random.default_rng(1).normal(0, 1e-3, g0.size).astype(np.float32)
+    drift = {}
+    for feedback in (False, True):
+        overrides = ["compression.downlink_bits=2", f"compression.downlink_error_feedback={feedback}"]
+        strategy = make_strategy(compose(OVERRIDES + overrides), method, CommLedger(method.head_size))
+        strategy.global_values = g0
+        for rnd in range(1, 51):
+            carried = d if strategy.downlink_residual is None else d + strategy.downlink_residual
+            aggregate = ArrayRecord({"values": Array(strategy.global_values + d)})
+            strategy.global_values = strategy.quantise_global(rnd, aggregate)["values"].numpy()
+            if feedback:
+                step = np.repeat(2 * compression.block_scales(carried, 128) / 3, 128)[: g0.size]
+                assert (np.abs(strategy.downlink_residual) <= step + 1e-6).all(), rnd
+        drift[feedback] = strategy.global_values.astype(np.float64) - g0 - 50 * d.astype(np.float64)
+    np.testing.assert_allclose(drift[True], -strategy.downlink_residual, atol=1e-5)  # + float32 sums
+    rms = {k: float(np.sqrt(np.mean(v**2))) for k, v in drift.items()}
+    assert rms[False] > 3 * rms[True], rms  # a random walk of 50 roundings against one
 
 
 def test_downlink_bytes_follow_the_formula(app_identity, store_dir, monkeypatch):
@@ -240,6 +273,10 @@ def test_config_names_the_downlink_and_refuses_central_dp_and_secagg():
     base = ["model=tiny", "compression=both", "run_name=auto"]
     cfg = compose_config(base)
     assert problems(cfg) == [] and "-q4ef-d4-" in cfg.run_name
+    fed_back = compose_config(
+        [*base, "compression.downlink_bits=2", "compression.downlink_error_feedback=true"]
+    )
+    assert problems(fed_back) == [] and "-q4ef-d2ef-" in fed_back.run_name
     alone = compose_config(["model=tiny", "compression=none", "compression.downlink_bits=2", "run_name=auto"])
     assert problems(alone) == [] and "-d0.005-d2-sst2-" in alone.run_name
     assert "-q4ef-sst2-" in compose_config(["model=tiny", "compression=uplink", "run_name=auto"]).run_name
@@ -252,6 +289,10 @@ def test_config_names_the_downlink_and_refuses_central_dp_and_secagg():
         (["privacy.dp=server"], "downlink_bits cannot be used with privacy.dp=server"),
         (["privacy.dp=client"], "downlink_bits cannot be used with privacy.dp=client"),
         (["compression.downlink_bits=3"], "compression.downlink_bits=3"),
+        (
+            ["compression.downlink_bits=0", "compression.downlink_error_feedback=true"],
+            "downlink_error_feedback=true needs a compressed downlink",
+        ),
     ]:
         found = problems(compose(down + extra))
         assert any(why in p for p in found), found

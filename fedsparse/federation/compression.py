@@ -179,11 +179,16 @@ def config_problems(cfg) -> list[str]:
     """Settings and combinations a compressed uplink refuses, each with why."""
     c = cfg.get("compression")
     down = downlink_bits(cfg)
-    if c is None or not (c.enabled or down):
+    if c is None or not (c.enabled or down or c.get("downlink_error_feedback", False)):
         return []
     problems = []
     if down and down not in BITS:
         problems.append(f"compression.downlink_bits={down}: use one of {BITS}, or 0 (off)")
+    if c.get("downlink_error_feedback", False) and not down:
+        problems.append(
+            "compression.downlink_error_feedback=true needs a compressed downlink: set "
+            "compression.downlink_bits (e.g. 2) or drop the setting"
+        )
     if c.enabled and c.bits not in BITS:
         problems.append(f"compression.bits={c.bits}: use one of {BITS} (or compression=none)")
     if not 1 <= c.block < 2**32:

@@ -76,6 +76,9 @@ class PackedStrategy:
         # compressed downlink: (bits, block) of the delta the server broadcasts, or None
         down = int((compression or {}).get("downlink_bits", 0) or 0)
         self.downlink = (down, int(compression["block"])) if down else None
+        # server-side error feedback: what the downlink's rounding lost, added to the next change
+        self.downlink_ef = bool(down and compression.get("downlink_error_feedback", False))
+        self.downlink_residual: np.ndarray | None = None
         self.seed = int(seed)
         self.run_key = run_key  # names the clients' node-local stores (apps.client_state)
         self.initial_digest = compression_digest(method.initial_state()) if down else b""
@@ -147,12 +150,17 @@ class PackedStrategy:
 
     def quantise_global(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """The new global the clients can rebuild exactly: the previous global plus the quantised,
-        dequantised change (rounding drawn from (seed, round)); FedAvgM's own copy follows it."""
+        dequantised change (rounding drawn from (seed, round)) with, under downlink error feedback,
+        what earlier rounds' rounding left out; FedAvgM's own copy follows it."""
         bits, block = self.downlink
         previous = self.global_values
         delta = arrays["values"].numpy().astype(np.float32) - previous
+        if self.downlink_residual is not None:
+            delta += self.downlink_residual
         wire = compression.encode(delta, bits, block, compression.downlink_rng(self.seed, server_round))
         values = compression.apply_delta(previous, wire, bits, block)
+        if self.downlink_ef:  # the aggregate not yet broadcast: carried into the next round's change
+            self.downlink_residual = delta - (values - previous)
         self.pending = (compression_digest(previous), wire, compression_digest(values))
         arrays = ArrayRecord({"values": Array(values)})
         if isinstance(getattr(self, "current_arrays", None), ArrayRecord):  # FedAvgM's global
@@ -353,13 +361,15 @@ class PackedStrategy:
 
     # --- checkpoints ------------------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The server optimiser's state and the downlink's (the last delta and which global each
-        node reported holding), saved with every checkpoint."""
+        """The server optimiser's state and the downlink's (the last delta, which global each node
+        reported holding, the error-feedback residual), saved with every checkpoint."""
         state = self.optimiser_state()
         if self.downlink and self.pending is not None:
             base, wire, result = self.pending
             state[f"{_DOWN}pending"] = np.frombuffer(base + result, np.uint8).copy()
             state[f"{_DOWN}delta"] = wire
+        if self.downlink_residual is not None:
+            state[f"{_DOWN}residual"] = self.downlink_residual
         if self.downlink and self.held:
             nodes = sorted(self.held)
             state[f"{_DOWN}nodes"] = np.array(nodes, np.uint64)
@@ -378,6 +388,8 @@ class PackedStrategy:
                 down["delta"],
                 digests[compression.DIGEST_BYTES :],
             )
+        if "residual" in down:
+            self.downlink_residual = np.asarray(down["residual"], np.float32)
         if "nodes" in down:
             self.held = {
                 int(n): bytes(h) if any(h) else b"" for n, h in zip(down["nodes"], down["held"], strict=True)
