@@ -176,10 +176,12 @@ def _variant(config: dict) -> str:
     if method["name"] == "hiwi" and not method.get("train_down", True):
         parts.append("fixed-down")
     compression = config.get("compression") or {}
-    if compression.get("enabled"):  # as in the run names: q<bits>[ef] up, d<bits> down
+    if compression.get("enabled"):  # as in the run names: q<bits>[ef] up, d<bits>[ef] down
         parts.append(f"q{compression['bits']}{'ef' if compression.get('error_feedback') else ''}")
     if compression.get("downlink_bits"):
-        parts.append(f"d{compression['downlink_bits']}")
+        parts.append(
+            f"d{compression['downlink_bits']}{'ef' if compression.get('downlink_error_feedback') else ''}"
+        )
     return f"[{','.join(parts)}]" if parts else ""
 
 
