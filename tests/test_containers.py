@@ -1,7 +1,8 @@
 """The compose stack in real containers: build the image offline, bring up SuperLink, ServerApp
 SuperExec and two SuperNodes with their ClientApp SuperExecs (host network, 127.0.0.1 only), run
 2 rounds of PaFi with `flwr run`, compare the run directory with a simulation of the same seed,
-and tear everything down (containers, volumes, the test's own dockerd).
+and tear everything down (containers, volumes, the test's own dockerd). Also issue 27's
+kill-and-return case: a data owner's containers killed mid-round come back by the restart policy.
 
 Skipped, with the reason, where no daemon can run (not root, dockerd not installed). .ci/run
 installs Docker and sets FEDSPARSE_REQUIRE_CONTAINERS=1, which turns that skip into a failure.
@@ -12,8 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,8 +35,8 @@ from harness.containers import (
     image_size,
     unavailable,
 )
-from harness.federation import DEPLOYMENT
-from harness.loopback import assert_matches_simulation
+from harness.federation import DEPLOYMENT, KILLED_SETTINGS
+from harness.loopback import assert_matches_simulation, assert_the_killed_node_rejoined, complete_lines
 
 from fedsparse.deploy.compose import FILES, write_compose
 from fedsparse.deploy.loopback import ROOT, flower_env, flwr_run, write_connection
@@ -55,10 +62,28 @@ def daemon() -> dict:
         assert docker(env, "volume", "ls", "-q").split() == []
 
 
-def _stack(tmp_path: Path, daemon: dict, tls: bool) -> dict:
-    """Bring the two-node stack up, run the federation, collect the run dir; always tear down."""
+@dataclass
+class Stack:
+    """A compose stack that is up: its daemon env, compose files, `flwr` home and timings."""
+
+    env: dict[str, str]
+    files: list[Path]
+    home: Path
+    figures: dict
+
+    def compose(self, *args: str) -> str:
+        return compose(self.env, self.files, *args)
+
+    def fail(self, run: subprocess.CompletedProcess, why: str) -> None:
+        logs = self.compose("logs", "--no-color", "--tail", "60")
+        pytest.fail(f"{why}:\n{run.stdout[-4000:]}{run.stderr[-2000:]}\n{logs[-6000:]}")
+
+
+@contextmanager
+def _stack(tmp_path: Path, daemon: dict, tls: bool, nodes: int = 2) -> Iterator[Stack]:
+    """The stack for `nodes` data owners, up on the host network; always torn down afterwards."""
     env, files = daemon["env"], [tmp_path / name for name in FILES[: 2 if tls else 1]]
-    write_compose(tmp_path, 2, context=str(ROOT))  # == the committed files (test_compose checks)
+    write_compose(tmp_path, nodes, context=str(ROOT))  # == the committed files for 2 (test_compose)
     if tls:
         subprocess.run(
             ["bash", str(ROOT / "scripts" / "generate-certs.sh"), str(tmp_path / "certificates")],
@@ -74,36 +99,93 @@ def _stack(tmp_path: Path, daemon: dict, tls: bool) -> dict:
     write_connection(
         home, "docker", ports["superlink"], tmp_path / "certificates" / "ca.crt" if tls else None
     )
-    figures = dict(daemon["figures"])
+    stack = Stack(env, files, home, dict(daemon["figures"]))
     try:
         start = time.monotonic()
-        compose(env, files, "up", "-d", "--no-build", "--wait", "--wait-timeout", "180")
-        figures["stack_up_s"] = round(time.monotonic() - start, 1)
-        start = time.monotonic()
-        overrides = " ".join(
-            [*DEPLOYMENT, "federation.rounds=2", "output_dir=/app/results", "run_name=deployed"]
-        )
-        run = flwr_run("docker", overrides, flower_env(home), timeout=900)
-        figures["flwr_run_s"] = round(time.monotonic() - start, 1)
-        if run.returncode != 0 or "[round 2/2]" not in run.stdout:
-            logs = compose(env, files, "logs", "--no-color", "--tail", "60")
-            pytest.fail(f"flwr run failed:\n{run.stdout[-4000:]}{run.stderr[-2000:]}\n{logs[-6000:]}")
-        compose(env, files, "cp", "serverapp:/app/results/deployed", str(tmp_path / "deployed"))
+        stack.compose("up", "-d", "--no-build", "--wait", "--wait-timeout", "180")
+        stack.figures["stack_up_s"] = round(time.monotonic() - start, 1)
+        yield stack
     finally:
         start = time.monotonic()
-        compose(env, files, "down", "--volumes", "--remove-orphans", "--timeout", "10")
-        figures["down_s"] = round(time.monotonic() - start, 1)
+        stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "10")
+        stack.figures["down_s"] = round(time.monotonic() - start, 1)
+
+
+def _save_figures(name: str, figures: dict) -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
-    (FIGURES / f"{'tls' if tls else 'plain'}.json").write_text(json.dumps(figures, indent=1) + "\n")
-    print(f"containers ({'tls' if tls else 'plain'}): {figures}")
-    return figures
+    (FIGURES / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"containers ({name}): {figures}")
 
 
 @pytest.mark.containers
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 def test_compose_stack_in_containers_matches_simulation(tmp_path, daemon, simulated, tls):
-    _stack(tmp_path, daemon, tls)
+    with _stack(tmp_path, daemon, tls) as stack:
+        start = time.monotonic()
+        overrides = " ".join(
+            [*DEPLOYMENT, "federation.rounds=2", "output_dir=/app/results", "run_name=deployed"]
+        )
+        run = flwr_run("docker", overrides, flower_env(stack.home), timeout=900)
+        stack.figures["flwr_run_s"] = round(time.monotonic() - start, 1)
+        if run.returncode != 0 or "[round 2/2]" not in run.stdout:
+            stack.fail(run, "flwr run failed")
+        stack.compose("cp", "serverapp:/app/results/deployed", str(tmp_path / "deployed"))
+    _save_figures("tls" if tls else "plain", stack.figures)
     assert_matches_simulation(tmp_path / "deployed", simulated)
+
+
+def _container_pid(stack: Stack, service: str) -> int:
+    """The host pid of a service's init process (`init: true`: docker-init, pid 1 inside)."""
+    container = stack.compose("ps", "-q", service).strip()
+    return int(docker(stack.env, "inspect", "-f", "{{.State.Pid}}", container))
+
+
+def _node_ids(stack: Stack, service: str) -> list[int]:
+    """The SuperNode ids a node service logged, one per start of its container."""
+    return [int(i) for i in re.findall(r"SuperNode ID: (\d+)", stack.compose("logs", "--no-color", service))]
+
+
+@pytest.mark.containers
+def test_a_node_container_killed_mid_round_is_restarted_by_compose_and_rejoins(tmp_path, daemon):
+    """Issue 27's kill-and-return case in containers: three data owners, quorum 2; early in round
+    2, data owner 3's SuperNode and ClientApp containers lose power (their init processes get
+    SIGKILL from the host, so every process inside dies at once). Compose's restart policy
+    (`unless-stopped`) starts both again with the same node config; the round ends a grace period
+    after the two healthy replies, records the dead node, and the returned node trains in round 3."""
+    with _stack(tmp_path, daemon, tls=False, nodes=3) as stack, ThreadPoolExecutor(1) as pool:
+        results = docker(
+            stack.env, "volume", "ls", "-q", "--filter", "label=com.docker.compose.volume=results"
+        )
+        mount = docker(stack.env, "volume", "inspect", "-f", "{{.Mountpoint}}", results.strip()).strip()
+        rounds_file = Path(mount) / "killed" / "rounds.jsonl"  # read where it is written (we are root)
+        settings = " ".join([*KILLED_SETTINGS, "output_dir=/app/results", "run_name=killed"])
+        start = time.monotonic()
+        run = pool.submit(flwr_run, "docker", settings, flower_env(stack.home), timeout=900)
+        while len(complete_lines(rounds_file)) < 2 and not run.done():  # round 0, round 1
+            time.sleep(0.2)
+        time.sleep(1.0)  # round 2's messages are out
+        [dead] = _node_ids(stack, "supernode-3")
+        for service in ("supernode-3", "clientapp-3"):
+            os.kill(_container_pid(stack, service), signal.SIGKILL)
+        killed_at = time.monotonic()
+        result = run.result()
+        stack.figures.update(
+            flwr_run_s=round(time.monotonic() - start, 1), after_kill_s=round(time.monotonic() - killed_at, 1)
+        )
+        if result.returncode != 0 or "Traceback" in result.stdout + result.stderr:
+            stack.fail(result, "flwr run failed")
+        ids = _node_ids(stack, "supernode-3")
+        restarts = {
+            s: int(
+                docker(stack.env, "inspect", "-f", "{{.RestartCount}}", stack.compose("ps", "-q", s).strip())
+            )
+            for s in ("supernode-3", "clientapp-3")
+        }
+        stack.compose("cp", "serverapp:/app/results/killed", str(tmp_path / "killed"))
+    assert min(restarts.values()) >= 1, restarts  # compose's restart policy brought both back
+    assert len(ids) == 2 and ids[0] == dead, ids  # one id per start: the old one, then a new one
+    stack.figures["round_2_s"] = round(assert_the_killed_node_rejoined(tmp_path / "killed", dead, ids[1]), 1)
+    _save_figures("killed", stack.figures)
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])

@@ -13,7 +13,7 @@ import pytest
 from harness.federation import DEPLOYMENT
 from harness.loopback import complete_lines, logged_node_id, running_superlink
 
-from fedsparse.deploy.loopback import flwr_run, supernode_argv
+from fedsparse.deploy.loopback import flwr_run
 
 pytestmark = pytest.mark.integration
 
@@ -44,12 +44,8 @@ def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
     out = tmp_path / "results"
     rounds_file = out / "restart" / "rounds.jsonl"
     with running_superlink(tmp_path, "loopback") as link, ThreadPoolExecutor(1) as pool:
-
-        def supernode(name: str, partition: int):
-            return link.start(name, supernode_argv(link.port, partition, 2), link.env)
-
-        first = supernode("supernode-0", 0)
-        supernode("supernode-1", 1)
+        first = link.supernode("supernode-0", 0, 2)
+        link.supernode("supernode-1", 1, 2)
         settings = " ".join([*SETTINGS, f"output_dir={out}", "run_name=restart"])
         run = pool.submit(flwr_run, "loopback", settings, link.env)
         while len(complete_lines(rounds_file)) < 2 and not run.done():  # round 0 (initial state), round 1
@@ -64,7 +60,7 @@ def test_a_restarted_supernode_trains_its_partition_again(tmp_path):
         first.wait()
         listed = _listed_for(tmp_path / "state.db", old)
         print(f"killed node {old}; the SuperLink lists it for {listed:.0f} s more")
-        supernode("supernode-0-restarted", 0)
+        link.supernode("supernode-0-restarted", 0, 2)
         result = run.result()
     output = result.stdout + result.stderr
     (tmp_path / "flwr-run.log").write_text(output)

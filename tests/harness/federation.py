@@ -21,5 +21,19 @@ DEPLOYMENT = tiny(
     "method.density=0.05",
 )
 
+# A SuperNode killed mid-round (tests/test_deployment_faults.py, tests/test_containers.py): three
+# nodes, all sampled, quorum 2, and a short grace period (5 s; 60 s by default) after the quorum.
+KILLED_SETTINGS = [
+    *DEPLOYMENT,
+    "federation.num_clients=3",
+    "federation.clients_per_round=3",
+    "federation.min_replies=2",
+    "federation.rounds=3",
+    "federation.round_timeout=600",
+    "federation.grace_min=5",
+    "federation.grace_factor=0.5",
+    "federation.wait_timeout=120",
+]
+
 # The train config a test server sends with each round (what ServerApp builds from `train.*`).
 TRAIN_CONFIG_VALUES = {"lr": 2e-2, "batch-size": 8, "local-steps": 2, "local-epochs": 0.0}

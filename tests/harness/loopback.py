@@ -24,6 +24,7 @@ from fedsparse.deploy.loopback import (
     leftovers,
     processes,
     superlink_argv,
+    supernode_argv,
     wait_for_port,
     write_connection,
 )
@@ -59,6 +60,28 @@ def logged_node_id(log: Path) -> int:
     return int(re.search(r"SuperNode ID: (\d+)", log.read_text()).group(1))
 
 
+def assert_the_killed_node_rejoined(run_dir: Path, dead: int, new: int) -> float:
+    """A KILLED_SETTINGS run where partition 2's node (id `dead`) was killed early in round 2 and
+    came back as node `new`: round 2 aggregated the two healthy replies within a bounded wait and
+    recorded the dead node, round 3 trained all three. Returns round 2's wall seconds."""
+    _, rounds, summary = read_run(run_dir)
+    second, third = rounds[2], rounds[3]
+    cost = second["wall_seconds"] - rounds[1]["wall_seconds"]
+    # round 2: the two healthy replies are aggregated, the dead node is recorded with why
+    assert second["sampled"] == [0, 1, 2] and second["skipped"] is None
+    assert second["comm"]["down"]["messages"] == 3 and second["comm"]["up"]["messages"] == 2
+    assert len(second["rejected"]) == 1 and second["rejected"][0].startswith(f"node {dead}: "), second
+    assert "no reply" in second["rejected"][0] or "Node Unavailable" in second["rejected"][0]
+    assert cost < 120  # bounded by the grace period (or Flower's offline detection), not round_timeout=600
+    assert second["dev"] != rounds[1]["dev"]  # the global moved
+    # round 3: the restarted node holds partition 2 and trains; nothing else is lost
+    assert third["sampled"] == [0, 1, 2] and third["skipped"] is None and third["rejected"] == []
+    assert third["comm"]["up"]["messages"] == 3
+    assert new in third["comm"]["clients"] and dead not in third["comm"]["clients"], third["comm"]
+    assert summary["finished"] and summary["rounds_done"] == 3 and summary["skipped_rounds"] == []
+    return cost
+
+
 @dataclass
 class SuperLink:
     """A running SuperLink: `connection` in FLWR_HOME `home` points at `port`; `start(name, argv,
@@ -69,6 +92,10 @@ class SuperLink:
     env: dict[str, str]
     start: Callable[..., subprocess.Popen]
     process: subprocess.Popen
+
+    def supernode(self, name: str, partition: int, partitions: int) -> subprocess.Popen:
+        """A plaintext SuperNode for `partition` of `partitions`, logging to `<name>.log`."""
+        return self.start(name, supernode_argv(self.port, partition, partitions), self.env)
 
 
 @contextmanager
