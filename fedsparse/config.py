@@ -143,14 +143,10 @@ def auto_run_name(cfg: DictConfig) -> str:
     if method.name == "pafi":
         variant = f"{method.select}-d{method.density:g}"
     digest = hashlib.sha1(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()[:6]
-    c = cfg.get("compression")
     parts = [
         method.name,
         variant,
-        f"q{c.bits}{'ef' if c.error_feedback else ''}" if c is not None and c.enabled else None,
-        f"d{c.downlink_bits}{'ef' if c.get('downlink_error_feedback') else ''}"
-        if c is not None and c.get("downlink_bits", 0)
-        else None,
+        *compression_tags(cfg.get("compression") or {}),
         cfg.task.name,
         f"a{fed.alpha:g}",
         f"lr{cfg.train.lr:g}",
@@ -158,6 +154,18 @@ def auto_run_name(cfg: DictConfig) -> str:
         digest,
     ]
     return "-".join(str(p) for p in parts if p)
+
+
+def compression_tags(compression) -> list[str]:
+    """How run names and report labels show a compression group: `q<bits>[ef]` for a compressed
+    uplink, `d<bits>[ef]` for a compressed downlink (`ef`: with error feedback); [] when off."""
+    tags = []
+    if compression.get("enabled", False):
+        tags.append(f"q{compression['bits']}{'ef' if compression.get('error_feedback') else ''}")
+    if compression.get("downlink_bits", 0):
+        ef = "ef" if compression.get("downlink_error_feedback") else ""
+        tags.append(f"d{compression['downlink_bits']}{ef}")
+    return tags
 
 
 def run_key(cfg: DictConfig) -> str:

@@ -31,6 +31,7 @@ from harness.loopback import (
     complete_lines,
     logged_node_id,
     running_superlink,
+    until_round_2_reached,
 )
 
 from fedsparse.deploy.loopback import (
@@ -65,14 +66,11 @@ pytestmark = pytest.mark.integration
 
 def test_a_supernode_killed_mid_round_costs_a_grace_period_and_rejoins(tmp_path):
     out = tmp_path / "results"
-    rounds_file = out / "killed" / "rounds.jsonl"
     with running_superlink(tmp_path, "loopback") as link, ThreadPoolExecutor(1) as pool:
         nodes = [link.supernode(f"supernode-{p}", p, 3) for p in range(3)]
         settings = " ".join([*KILLED_SETTINGS, f"output_dir={out}", "run_name=killed"])
         run = pool.submit(flwr_run, "loopback", settings, link.env, timeout=500)
-        while len(complete_lines(rounds_file)) < 2 and not run.done():  # round 0, round 1
-            time.sleep(0.2)
-        time.sleep(1.0)  # round 2's messages are out (evaluation and checkpoint take well under 1 s)
+        until_round_2_reached((tmp_path / "supernode-2.log").read_text, run)
         nodes[2].kill()  # SIGKILL: no goodbye to the SuperLink
         nodes[2].wait()
         killed_at = time.monotonic()
@@ -117,7 +115,7 @@ def test_a_killed_serverapp_is_resumed_with_flwr_run_to_the_uninterrupted_final_
     settings = [*DEPLOYMENT, "federation.rounds=2", f"output_dir={out}", "run_name=served"]
     with running_superlink(tmp_path, "loopback") as link, ThreadPoolExecutor(1) as pool:
         for partition in range(2):
-            link.start(f"supernode-{partition}", supernode_argv(link.port, partition, 2), link.env)
+            link.supernode(f"supernode-{partition}", partition, 2)
         first = pool.submit(flwr_run, "loopback", " ".join(settings), link.env)
         while len(complete_lines(run_dir / "rounds.jsonl")) < 2 and not first.done():  # rounds 0, 1
             time.sleep(0.2)

@@ -12,7 +12,7 @@ from test_compression import _kill
 from fedsparse.apps import client_state, client_train
 from fedsparse.apps.inprocess import InProcessGrid
 from fedsparse.apps.server_app import make_strategy
-from fedsparse.config import compose, run_key
+from fedsparse.config import compose, compression_tags, run_key
 from fedsparse.federation import compression
 from fedsparse.federation.accounting import CommLedger
 from fedsparse.methods import build_method
@@ -112,6 +112,7 @@ def test_server_and_clients_hold_the_bit_identical_global_every_round(
     rec = Recorder(monkeypatch)
     final, strategy = _federate(cfg, rec, 4, 0, _start(cfg))
     assert len(rec.sent) == len(rec.rebuilt) == 8
+    assert (strategy.downlink_residual is not None) == feedback
     trained: dict[int, set[int]] = {}
     for (rnd, node, kind, server), client in zip(rec.sent, rec.rebuilt, strict=True):
         np.testing.assert_array_equal(client, server)  # bit for bit
@@ -277,6 +278,7 @@ def test_config_names_the_downlink_and_refuses_central_dp_and_secagg():
         [*base, "compression.downlink_bits=2", "compression.downlink_error_feedback=true"]
     )
     assert problems(fed_back) == [] and "-q4ef-d2ef-" in fed_back.run_name
+    assert compression_tags(fed_back.compression) == ["q4ef", "d2ef"]  # the report's labels too
     alone = compose_config(["model=tiny", "compression=none", "compression.downlink_bits=2", "run_name=auto"])
     assert problems(alone) == [] and "-d0.005-d2-sst2-" in alone.run_name
     assert "-q4ef-sst2-" in compose_config(["model=tiny", "compression=uplink", "run_name=auto"]).run_name

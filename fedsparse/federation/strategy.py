@@ -155,7 +155,7 @@ class PackedStrategy:
         bits, block = self.downlink
         previous = self.global_values
         delta = arrays["values"].numpy().astype(np.float32) - previous
-        if self.downlink_residual is not None:
+        if self.downlink_ef and self.downlink_residual is not None:
             delta += self.downlink_residual
         wire = compression.encode(delta, bits, block, compression.downlink_rng(self.seed, server_round))
         values = compression.apply_delta(previous, wire, bits, block)
@@ -389,6 +389,11 @@ class PackedStrategy:
                 digests[compression.DIGEST_BYTES :],
             )
         if "residual" in down:
+            if not self.downlink_ef:
+                raise ValueError(
+                    "the checkpoint holds a downlink error-feedback residual but this run has "
+                    "compression.downlink_error_feedback=false: resume with the run's own config"
+                )
             self.downlink_residual = np.asarray(down["residual"], np.float32)
         if "nodes" in down:
             self.held = {

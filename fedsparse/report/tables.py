@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from tabulate import tabulate
 
-from fedsparse.config import NEUTRAL_SETTINGS, training_settings
+from fedsparse.config import NEUTRAL_SETTINGS, compression_tags, training_settings
 from fedsparse.data.glue import main_metric
 from fedsparse.report.results import is_finished, read_run
 
@@ -175,13 +175,7 @@ def _variant(config: dict) -> str:
         parts.append(method["index_encoding"])
     if method["name"] == "hiwi" and not method.get("train_down", True):
         parts.append("fixed-down")
-    compression = config.get("compression") or {}
-    if compression.get("enabled"):  # as in the run names: q<bits>[ef] up, d<bits>[ef] down
-        parts.append(f"q{compression['bits']}{'ef' if compression.get('error_feedback') else ''}")
-    if compression.get("downlink_bits"):
-        parts.append(
-            f"d{compression['downlink_bits']}{'ef' if compression.get('downlink_error_feedback') else ''}"
-        )
+    parts += compression_tags(config.get("compression") or {})  # as in the run names
     return f"[{','.join(parts)}]" if parts else ""
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,13 @@ def complete_lines(path: Path) -> list[dict]:
     """The complete JSON lines a running server has written so far (e.g. rounds.jsonl)."""
     text = path.read_text() if path.exists() else ""
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def until_round_2_reached(node_log: Callable[[], str], run: Future) -> None:
+    """Wait until a SuperNode has pulled its second train message (round 2's, in a run that samples
+    it every round), or the run ended; `node_log` returns the node's log so far."""
+    while node_log().count("Receiving: train message") < 2 and not run.done():
+        time.sleep(0.2)
 
 
 def logged_node_id(log: Path) -> int:
