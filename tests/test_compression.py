@@ -187,6 +187,36 @@ def test_config_refuses_secagg_and_client_dp_and_names_the_run():
     assert not [p for p in problems(compose(base + ["privacy.dp=server"])) if "compression" in p]
 
 
+def test_error_feedback_settles_at_two_bits_diverges_at_one_and_is_refused_there():
+    """Error feedback needs a rounding error smaller than the update (a contraction). Feeding one
+    Gaussian update back ten times: at 2 bits the residual settles near the update's size; at 1 bit
+    (error E|q(x)-x|^2 = s^2 - x^2 per value, about 9x the update's energy) it grows every round.
+    So the config refuses 1 bit with error feedback, up and down."""
+    x = np.random.default_rng(0).normal(size=20_000).astype(np.float32)
+    growth = {}
+    for bits in (1, 2):
+        residual = np.zeros_like(x)
+        for rnd in range(10):
+            carried = x + residual
+            wire = compression.encode(carried, bits, 256, np.random.default_rng(rnd))
+            residual = carried - compression.decode(wire, x.size)
+        growth[bits] = float(np.linalg.norm(residual) / np.linalg.norm(x))
+    assert growth[2] < 2 and growth[1] > 100, growth
+    for extra in (
+        ["compression=uplink", "compression.bits=1"],
+        ["compression=both", "compression.downlink_bits=1", "compression.downlink_error_feedback=true"],
+    ):
+        assert any("error feedback diverges at 1 bit" in p for p in problems(compose(["model=tiny", *extra])))
+    assert (
+        problems(
+            compose(
+                ["model=tiny", "compression=uplink", "compression.bits=1", "compression.error_feedback=false"]
+            )
+        )
+        == []
+    )
+
+
 # --- error feedback: the client's residual -------------------------------------------------------
 
 

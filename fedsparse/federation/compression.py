@@ -36,6 +36,12 @@ BITS = (1, 2, 4, 8)
 KEY = "compressed"  # the array name of a compressed update in a train reply
 _STREAM = 0x51  # tells the rounding generator apart from the clients' other seeded draws
 _DOWN_STREAM = 0x52  # the server's rounding of the downlink delta
+# Why error feedback is refused at 1 bit (docs/methods.md, Error feedback; tests/test_compression.py).
+ONE_BIT_FEEDBACK = (
+    "error feedback diverges at 1 bit: the unbiased 1-bit rounding's error is several times the "
+    "update itself, so the residual carried into the next round grows every round (measured: "
+    "PaFi's loss above 1,000 by round 15); use 2 bits or switch the error feedback off"
+)
 BASE_KEY = "base"  # a compressed downlink's array: the digest of the global its delta applies to
 DIGEST_BYTES = 16
 
@@ -184,6 +190,8 @@ def config_problems(cfg) -> list[str]:
     problems = []
     if down and down not in BITS:
         problems.append(f"compression.downlink_bits={down}: use one of {BITS}, or 0 (off)")
+    if down == 1 and c.get("downlink_error_feedback", False):
+        problems.append(f"compression.downlink_bits=1 with downlink_error_feedback=true: {ONE_BIT_FEEDBACK}")
     if c.get("downlink_error_feedback", False) and not down:
         problems.append(
             "compression.downlink_error_feedback=true needs a compressed downlink: set "
@@ -206,6 +214,8 @@ def config_problems(cfg) -> list[str]:
         )
     if not c.enabled:
         return problems
+    if c.bits == 1 and c.error_feedback:
+        problems.append(f"compression.bits=1 with error_feedback=true: {ONE_BIT_FEEDBACK}")
     if p.get("secagg", False):
         problems.append(
             "compression cannot be used with privacy.secagg=true: SecAgg+ quantises each update to "
