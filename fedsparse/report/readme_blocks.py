@@ -283,8 +283,9 @@ def plot_frontier(groups: list[Group], path: Path) -> Path:
             y.mean(),
             xerr=[[x.mean() - x.min()], [x.max() - x.mean()]],
             yerr=[[y.mean() - y.min()], [y.max() - y.mean()]],
-            fmt="osD^v<>ph*"[i // 10 % 10],  # ten colours cycle: a new marker for each ten groups
-            ms=4,
+            fmt="osD^v<>ph*"[i // 20 % 10],  # twenty colours cycle: a new marker for each twenty
+            color=plt.get_cmap("tab20")(i % 20),
+            ms=5,
             capsize=2,
             label=f"{label} ({len(runs)})",
         )
