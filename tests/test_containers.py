@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -37,7 +36,12 @@ from harness.containers import (
     unavailable,
 )
 from harness.federation import DEPLOYMENT, KILLED_SETTINGS
-from harness.loopback import assert_matches_simulation, assert_the_killed_node_rejoined, until_round_2_reached
+from harness.loopback import (
+    assert_matches_simulation,
+    assert_the_killed_node_rejoined,
+    node_ids,
+    until_round_2_reached,
+)
 
 from fedsparse.deploy.compose import FILES, write_compose
 from fedsparse.deploy.loopback import ROOT, flower_env, flwr_run, write_connection
@@ -135,15 +139,16 @@ def test_compose_stack_in_containers_matches_simulation(tmp_path, daemon, simula
     assert_matches_simulation(tmp_path / "deployed", simulated)
 
 
-def _container_pid(stack: Stack, service: str) -> int:
-    """The host pid of a service's init process (`init: true`: docker-init, pid 1 inside)."""
+def _inspect(stack: Stack, service: str, field: str) -> int:
+    """An integer field of a service's container (e.g. `.State.Pid`: its init process on the host,
+    docker-init, pid 1 inside, as `init: true`)."""
     container = stack.compose("ps", "-q", service).strip()
-    return int(docker(stack.env, "inspect", "-f", "{{.State.Pid}}", container))
+    return int(docker(stack.env, "inspect", "-f", f"{{{{{field}}}}}", container))
 
 
 def _node_ids(stack: Stack, service: str) -> list[int]:
     """The SuperNode ids a node service logged, one per start of its container."""
-    return [int(i) for i in re.findall(r"SuperNode ID: (\d+)", stack.compose("logs", "--no-color", service))]
+    return node_ids(stack.compose("logs", "--no-color", service))
 
 
 @pytest.mark.containers
@@ -160,7 +165,7 @@ def test_a_node_container_killed_mid_round_is_restarted_by_compose_and_rejoins(t
         until_round_2_reached(lambda: stack.compose("logs", "--no-color", "supernode-3"), run)
         dead = _node_ids(stack, "supernode-3")[0]
         for service in ("supernode-3", "clientapp-3"):
-            os.kill(_container_pid(stack, service), signal.SIGKILL)
+            os.kill(_inspect(stack, service, ".State.Pid"), signal.SIGKILL)
         killed_at = time.monotonic()
         result = run.result()
         stack.figures.update(
@@ -169,12 +174,7 @@ def test_a_node_container_killed_mid_round_is_restarted_by_compose_and_rejoins(t
         if result.returncode != 0 or "Traceback" in result.stdout + result.stderr:
             stack.fail(result, "flwr run failed")
         ids = _node_ids(stack, "supernode-3")
-        restarts = {
-            s: int(
-                docker(stack.env, "inspect", "-f", "{{.RestartCount}}", stack.compose("ps", "-q", s).strip())
-            )
-            for s in ("supernode-3", "clientapp-3")
-        }
+        restarts = {s: _inspect(stack, s, ".RestartCount") for s in ("supernode-3", "clientapp-3")}
         stack.compose("cp", "serverapp:/app/results/killed", str(tmp_path / "killed"))
     assert min(restarts.values()) >= 1, restarts  # compose's restart policy brought both back
     assert ids[0] == dead and ids[-1] != dead, ids  # one id per start: the old one, then a new one

@@ -185,14 +185,15 @@ def config_problems(cfg) -> list[str]:
     """Settings and combinations a compressed uplink refuses, each with why."""
     c = cfg.get("compression")
     down = downlink_bits(cfg)
-    if c is None or not (c.enabled or down or c.get("downlink_error_feedback", False)):
+    down_feedback = c is not None and c.get("downlink_error_feedback", False)
+    if c is None or not (c.enabled or down or down_feedback):
         return []
     problems = []
     if down and down not in BITS:
         problems.append(f"compression.downlink_bits={down}: use one of {BITS}, or 0 (off)")
-    if down == 1 and c.get("downlink_error_feedback", False):
+    if down == 1 and down_feedback:
         problems.append(f"compression.downlink_bits=1 with downlink_error_feedback=true: {ONE_BIT_FEEDBACK}")
-    if c.get("downlink_error_feedback", False) and not down:
+    if down_feedback and not down:
         problems.append(
             "compression.downlink_error_feedback=true needs a compressed downlink: set "
             "compression.downlink_bits (e.g. 2) or drop the setting"

@@ -64,9 +64,14 @@ def until_round_2_reached(node_log: Callable[[], str], run: Future) -> None:
         time.sleep(0.2)
 
 
+def node_ids(log: str) -> list[int]:
+    """The node ids a SuperNode's log text shows, one per time it connected."""
+    return [int(i) for i in re.findall(r"SuperNode ID: (\d+)", log)]
+
+
 def logged_node_id(log: Path) -> int:
     """The node id a SuperNode logged when it connected."""
-    return int(re.search(r"SuperNode ID: (\d+)", log.read_text()).group(1))
+    return node_ids(log.read_text())[0]
 
 
 def assert_the_killed_node_rejoined(run_dir: Path, dead: int, new: int) -> float:
