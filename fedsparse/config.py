@@ -29,7 +29,7 @@ NEUTRAL_SETTINGS = {
     "federation": {"min_replies": 1, "max_examples": 10_000_000, "fail_rate": 0.0, "fail_mode": "error"},
     "train": {"head_lr_scale": 1.0, "precision": "fp32"},
     "method": {"train_down": True},  # HiWi: W_down trains, as before the setting existed
-    "compression": {"downlink_bits": 0, "downlink_error_feedback": False},
+    "compression": {"downlink_bits": 0, "downlink_error_feedback": False, "rounding": "stochastic"},
 }
 # Where a run computes, not what: left out of its training settings (a run resumed or rerun on
 # another device keeps its name; docs/configuration.md, Devices, says what stays bit-identical).
@@ -158,13 +158,18 @@ def auto_run_name(cfg: DictConfig) -> str:
 
 def compression_tags(compression) -> list[str]:
     """How run names and report labels show a compression group: `q<bits>[ef]` for a compressed
-    uplink, `d<bits>[ef]` for a compressed downlink (`ef`: with error feedback); [] when off."""
+    uplink, `d<bits>[ef]` for a compressed downlink (`ef`: with error feedback; `q1s`, `d1s`: a
+    1-bit direction sent as the scaled sign); [] when off."""
     tags = []
+
+    def tag(prefix: str, bits: int, feedback: bool) -> str:
+        sign = "s" if bits == 1 and compression.get("rounding") == "sign" else ""
+        return f"{prefix}{bits}{sign}{'ef' if feedback else ''}"
+
     if compression.get("enabled", False):
-        tags.append(f"q{compression['bits']}{'ef' if compression.get('error_feedback') else ''}")
+        tags.append(tag("q", compression["bits"], compression.get("error_feedback", False)))
     if compression.get("downlink_bits", 0):
-        ef = "ef" if compression.get("downlink_error_feedback") else ""
-        tags.append(f"d{compression['downlink_bits']}{ef}")
+        tags.append(tag("d", compression["downlink_bits"], compression.get("downlink_error_feedback", False)))
     return tags
 
 

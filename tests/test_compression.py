@@ -77,6 +77,39 @@ def test_the_array_has_exactly_the_formula_bytes(bits, n):
     assert wire.size == compression.HEADER + 4 * -(-n // 256) + -(-n * bits // 8)
 
 
+def _means_by_hand(x: np.ndarray, block: int) -> np.ndarray:
+    """Each value's block mean |x|, block by block (the short last block over its own values)."""
+    return np.concatenate(
+        [np.full(x[i : i + block].size, np.abs(x[i : i + block]).mean()) for i in range(0, x.size, block)]
+    )
+
+
+def test_the_scaled_sign_sends_each_sign_at_its_block_mean():
+    """rounding="sign": every value decodes to +-mean|x| of its block (the short last block's mean
+    over its own values), by its sign and without draws, and its error per block,
+    ||x||^2 - ||x||_1^2 / len, is below the block's energy. Only at 1 bit."""
+    block = 32
+    x = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    x[64:96], x[5] = 0.0, 0.0  # an all-zero block decodes to zeros; an exact 0 elsewhere to +s
+    wires = [compression.encode(x, 1, block, compression.rounding_rng(0, r, 0), "sign") for r in (1, 2)]
+    np.testing.assert_array_equal(wires[0], wires[1])
+    assert wires[0].size == compression.payload_bytes(x.size, 1, block)
+    y = compression.decode(wires[0], x.size, 1, block).astype(np.float64)
+    means = _means_by_hand(x.astype(np.float64), block)
+    np.testing.assert_allclose(y, np.where(x >= 0, means, -means), rtol=1e-6)
+    for i in range(0, x.size, block):
+        xb, err = x[i : i + block].astype(np.float64), ((y - x)[i : i + block] ** 2).sum()
+        energy = (xb**2).sum()
+        assert err == pytest.approx(energy - np.abs(xb).sum() ** 2 / xb.size, rel=1e-4) and (
+            err < energy or energy == 0
+        )
+    assert not y[64:96].any() and y[5] > 0
+    empty = compression.encode(np.zeros(0, np.float32), 1, block, compression.rounding_rng(0, 1, 0), "sign")
+    assert compression.decode(empty, 0).size == 0
+    with pytest.raises(ValueError, match="sign at 1 bit"):
+        compression.encode(x, 2, block, compression.rounding_rng(0, 1, 0), "sign")
+
+
 def _server(compressed: bool = True, bits: int = 4, block: int = 64, method: str = "pafi"):
     m = build_method(tiny_model(), method_cfg(method, density=0.05))
     strategy = packed_strategy(m)
@@ -191,17 +224,37 @@ def test_error_feedback_settles_at_two_bits_diverges_at_one_and_is_refused_there
     """Error feedback needs a rounding error smaller than the update (a contraction). Feeding one
     Gaussian update back ten times: at 2 bits the residual settles near the update's size; at 1 bit
     (error E|q(x)-x|^2 = s^2 - x^2 per value, about 9x the update's energy) it grows every round.
-    So the config refuses 1 bit with error feedback, up and down."""
+    So the config refuses unbiased 1 bit with error feedback, up and down. The scaled sign's
+    residual grows only slowly (about as the square root of the rounds: 2.5x the update after 10),
+    so what the server received over the ten rounds is within a quarter of ten updates, as at 2
+    bits; the config accepts it."""
     x = np.random.default_rng(0).normal(size=20_000).astype(np.float32)
     growth = {}
-    for bits in (1, 2):
+    for bits, rounding in ((1, "stochastic"), (2, "stochastic"), (1, "sign")):
         residual = np.zeros_like(x)
         for rnd in range(10):
             carried = x + residual
-            wire = compression.encode(carried, bits, 256, np.random.default_rng(rnd))
+            wire = compression.encode(carried, bits, 256, np.random.default_rng(rnd), rounding)
             residual = carried - compression.decode(wire, x.size)
-        growth[bits] = float(np.linalg.norm(residual) / np.linalg.norm(x))
-    assert growth[2] < 2 and growth[1] > 100, growth
+        growth[bits, rounding] = float(np.linalg.norm(residual) / np.linalg.norm(x))
+    assert growth[2, "stochastic"] < 2 and growth[1, "stochastic"] > 100, growth
+    assert growth[1, "sign"] / 10 < 0.3, growth  # the ten rounds' sum is off by its last residual
+    sign = ["model=tiny", "compression=uplink", "compression.bits=1", "compression.rounding=sign"]
+    assert problems(compose(sign)) == [] and "-q1sef-" in compose_config([*sign, "run_name=auto"]).run_name
+    down = ["model=tiny", "compression=both", "compression.bits=2", "compression.downlink_bits=1"]
+    down += ["compression.downlink_error_feedback=true", "compression.rounding=sign"]
+    assert (
+        problems(compose(down)) == [] and "-q2ef-d1sef-" in compose_config([*down, "run_name=auto"]).run_name
+    )
+    for extra, why in [
+        (["compression=uplink", "compression.rounding=sign"], "a direction sent at 1 bit"),
+        (["compression.rounding=sign"], "a direction sent at 1 bit"),
+        (["compression=uplink", "compression.rounding=nearest"], "compression.rounding=nearest"),
+        ([*sign[1:], "compression.error_feedback=false"], "sign with error_feedback=false"),
+        ([*down[1:], "compression.downlink_error_feedback=false"], "sign with downlink_error_feedback=false"),
+    ]:
+        found = problems(compose(["model=tiny", *extra]))
+        assert any(why in p for p in found), found
     for extra in (
         ["compression=uplink", "compression.bits=1"],
         ["compression=both", "compression.downlink_bits=1", "compression.downlink_error_feedback=true"],
@@ -226,12 +279,13 @@ def store_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_the_residual_carries_over_a_skipped_round(store_dir):
+@pytest.mark.parametrize("bits, rounding", [(2, "stochastic"), (1, "sign")])
+def test_the_residual_carries_over_a_skipped_round(store_dir, bits, rounding):
     """A partition trained in rounds 1 and 3 (not 2): round 3 adds round 1's residual, and what the
-    server reconstructs plus the last residual is exactly the sum of the true updates."""
-    cfg = OmegaConf.create(
-        {"seed": 0, "compression": {"enabled": True, "bits": 2, "block": 64, "error_feedback": True}}
-    )
+    server reconstructs plus the last residual is exactly the sum of the true updates (with the
+    scaled sign too, whose first update arrives as its signs at each block's mean |x|)."""
+    compressed = {"enabled": True, "bits": bits, "block": 64, "error_feedback": True, "rounding": rounding}
+    cfg = OmegaConf.create({"seed": 0, "compression": compressed})
     method = build_method(tiny_model(), method_cfg("pafi", density=0.05))
     g = method.initial_state().copy()
     rng = np.random.default_rng(4)
@@ -245,6 +299,9 @@ def test_the_residual_carries_over_a_skipped_round(store_dir):
         wire = client_state.uplink(cfg, method, g, config, 0)
         sent = g + compression.decode(wire[compression.KEY], g.size)
         target = local if before is None else local + before
+        if rounding == "sign" and before is None:
+            means = _means_by_hand((target - g).astype(np.float64), 64)
+            np.testing.assert_allclose(sent - g, np.where(target >= g, means, -means), rtol=1e-5)
         np.testing.assert_array_equal(store.load(server_round + 1), target - sent)  # what was lost
         sent_total += sent.astype(np.float64) - g
         true_total += local.astype(np.float64) - g

@@ -99,15 +99,21 @@ def _start(cfg) -> np.ndarray:
     return build_method(load_model("tiny-bert", 2, cfg.seed), cfg.method).initial_state()
 
 
-@pytest.mark.parametrize("feedback", [False, True], ids=["plain", "error-feedback"])
+SCALED_SIGN = ["compression.downlink_bits=1", "compression.rounding=sign"]
+
+
+@pytest.mark.parametrize(
+    "feedback, extra", [(False, []), (True, []), (True, SCALED_SIGN)], ids=["plain", "error-feedback", "sign"]
+)
 def test_server_and_clients_hold_the_bit_identical_global_every_round(
-    app_identity, store_dir, monkeypatch, feedback
+    app_identity, store_dir, monkeypatch, feedback, extra
 ):
     """Four rounds, 2 of 3 clients each: every client rebuilds exactly the server's global; round 1
     sends no vector (only its digest); a client that trained in the round before gets the delta, one
     that skipped it the full vector; the server's global is the quantised one it broadcast (also
-    when the server carries its rounding error into the next round's change)."""
-    cfg = compose_config(OVERRIDES + [f"compression.downlink_error_feedback={feedback}"])
+    when the server carries its rounding error into the next round's change, and when it sends
+    the change as its scaled sign at 1 bit)."""
+    cfg = compose_config(OVERRIDES + [f"compression.downlink_error_feedback={feedback}", *extra])
     _kill()
     rec = Recorder(monkeypatch)
     final, strategy = _federate(cfg, rec, 4, 0, _start(cfg))
@@ -128,6 +134,15 @@ def test_server_and_clients_hold_the_bit_identical_global_every_round(
     base, wire, result = strategy.pending
     assert compression.global_digest(final) == result
     np.testing.assert_array_equal(final, compression.apply_delta(rec.sent[-1][3], wire))
+    if extra:  # the scaled sign of what the server rounded (the sent change plus what it kept back)
+        sent = compression.decode(wire, final.size).astype(np.float64)
+        rounded = strategy.downlink_residual + sent
+        block = cfg.compression.block
+        means = [np.abs(rounded[i : i + block]).mean() for i in range(0, rounded.size, block)]
+        means = np.repeat(means, block)[: rounded.size]
+        np.testing.assert_allclose(np.abs(sent), means, rtol=1e-3)
+        clear = np.abs(rounded) > 1e-3 * means  # signs of values that float rounding cannot flip
+        np.testing.assert_array_equal(np.sign(sent)[clear], np.sign(rounded)[clear])
     for rnd in range(1, 5):
         down = [e for e in strategy.ledger.rounds[rnd] if e["direction"] == "down" and e["kind"] == "train"]
         assert len(down) == 2

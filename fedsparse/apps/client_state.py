@@ -99,7 +99,8 @@ def uplink(
     reference = method.wire_reference(wire, received)
     update = wire.pop("values") - reference
     rng = compression.rounding_rng(cfg.seed, server_round, partition)
-    wire[compression.KEY] = compression.encode(update, int(c.bits), int(c.block), rng)
+    rounding = compression.rounding_at(c, int(c.bits))
+    wire[compression.KEY] = compression.encode(update, int(c.bits), int(c.block), rng, rounding)
     if store:
         sent = reference + compression.decode(wire[compression.KEY], update.size)
         store.save(server_round, target - method.decode({**wire, "values": sent}, received))

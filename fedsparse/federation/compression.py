@@ -12,6 +12,7 @@ Wire format, one uint8 array per reply (key `compressed`, in place of `values`):
     4       4                  block: values per scale (uint32, little-endian)
     8       4                  n: number of values (uint32, little-endian)
     12      4 * ceil(n/block)  scales (float32, little-endian): max |x| over each block
+                               (mean |x| under rounding="sign")
     ...     ceil(n*bits/8)     codes, packed little-end first within each byte
 
 so a message carries `HEADER + 4 * ceil(n / block) + ceil(n * bits / 8)` bytes of payload.
@@ -21,11 +22,20 @@ Each value x of a block with scale s is rounded to one of L = 2^bits levels spre
 level below in steps: unbiased, E[q(x)] = x. The error of one value is below one step, 2s/(L-1),
 and its variance is p(1-p) step^2 <= s^2/(L-1)^2. The uniform draws come from a generator
 seeded by (seed, round, partition): the rounding is public, reproducible and resumes exactly.
+
+`rounding="sign"` (1 bit only: `compression.rounding` applies to each direction sent at 1 bit,
+see `rounding_at`) is the biased scaled sign of EF-SignSGD instead: the block's scale is its
+mean |x| and each value is sent as +s or -s by its sign, no draws. Its error per block,
+||x||^2 - ||x||_1^2 / block, is below the block's energy, so error feedback's residual grows only
+slowly (docs/methods.md, Quantiser); without it the bias stays (an exact 0 is always sent as +s),
+so the config requires the direction's error feedback. The wire format is the same (1-bit
+codes, {-s, +s}).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -33,6 +43,7 @@ MAGIC = b"FQ"
 VERSION = 1
 HEADER = 12
 BITS = (1, 2, 4, 8)
+ROUNDINGS = ("stochastic", "sign")  # unbiased stochastic rounding; the biased scaled sign (1 bit)
 KEY = "compressed"  # the array name of a compressed update in a train reply
 _STREAM = 0x51  # tells the rounding generator apart from the clients' other seeded draws
 _DOWN_STREAM = 0x52  # the server's rounding of the downlink delta
@@ -40,7 +51,13 @@ _DOWN_STREAM = 0x52  # the server's rounding of the downlink delta
 ONE_BIT_FEEDBACK = (
     "error feedback diverges at 1 bit: the unbiased 1-bit rounding's error is several times the "
     "update itself, so the residual carried into the next round grows every round (measured: "
-    "PaFi's loss above 1,000 by round 15); use 2 bits or switch the error feedback off"
+    "PaFi's loss above 1,000 by round 15); use 2 bits, the scaled sign (compression.rounding=sign) "
+    "or switch the error feedback off"
+)
+SIGN_NEEDS_FEEDBACK = (
+    "the scaled sign is biased (every value of a block is sent at the block's mean size, an exact 0 "
+    "as +s) and only error feedback corrects that; switch that direction's feedback on, or use "
+    "rounding=stochastic"
 )
 BASE_KEY = "base"  # a compressed downlink's array: the digest of the global its delta applies to
 DIGEST_BYTES = 16
@@ -72,6 +89,17 @@ def rounding_rng(seed: int, server_round: int, partition: int) -> np.random.Gene
     )
 
 
+def configured_rounding(section: Mapping | None) -> str:
+    """`compression.rounding` of a compression config section, "stochastic" when absent."""
+    return ROUNDINGS[0] if section is None else str(section.get("rounding", ROUNDINGS[0]))
+
+
+def rounding_at(section: Mapping | None, bits: int) -> str:
+    """The rounding of a direction sent at `bits`: the configured one at 1 bit, else stochastic
+    (the scaled sign is a 1-bit compressor)."""
+    return configured_rounding(section) if bits == 1 else ROUNDINGS[0]
+
+
 def payload_bytes(n: int, bits: int, block: int) -> int:
     """Bytes of the encoded array for n values."""
     return HEADER + 4 * -(-n // block) + -(-n * bits // 8)
@@ -81,18 +109,40 @@ def _step(scales: np.ndarray, bits: int) -> np.ndarray:
     return 2.0 * scales.astype(np.float64) / (2**bits - 1)
 
 
+def _blocks(x: np.ndarray, block: int) -> tuple[np.ndarray, int]:
+    """|x| as rows of `block` values, the last one padded with zeros, and the padding's length."""
+    pad = -x.size % block
+    return np.abs(np.concatenate([x, np.zeros(pad, x.dtype)])).reshape(-1, block).astype(np.float64), pad
+
+
 def block_scales(x: np.ndarray, block: int) -> np.ndarray:
     """max |x| over each block of `block` values (the last block may be shorter)."""
-    pad = -x.size % block
-    a = np.abs(np.concatenate([x, np.zeros(pad, x.dtype)])).reshape(-1, block)
-    return a.max(axis=1).astype(np.float32)
+    return _blocks(x, block)[0].max(axis=1).astype(np.float32)
 
 
-def quantise(x: np.ndarray, bits: int, block: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(codes in 0..2^bits-1 as uint8, per-block scales) of float vector x, stochastically rounded."""
+def block_means(x: np.ndarray, block: int) -> np.ndarray:
+    """mean |x| over each block of `block` values (the shorter last block's over its own values)."""
+    a, pad = _blocks(x, block)
+    counts = np.full(a.shape[0], block)
+    if pad:
+        counts[-1] -= pad
+    return (a.sum(axis=1) / counts).astype(np.float32)
+
+
+def quantise(
+    x: np.ndarray, bits: int, block: int, rng: np.random.Generator, rounding: str = "stochastic"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(codes in 0..2^bits-1 as uint8, per-block scales) of float vector x, stochastically rounded
+    (or, with rounding="sign" at 1 bit, the scaled sign: code 1 where x >= 0, scale mean |x|)."""
     if bits not in BITS:
         raise ValueError(f"compression.bits={bits}: use one of {BITS}")
+    if rounding not in ROUNDINGS or rounding == "sign" and bits != 1:
+        raise ValueError(
+            f"compression.rounding={rounding} with bits={bits}: use {ROUNDINGS[0]}, or sign at 1 bit"
+        )
     x = np.asarray(x, dtype=np.float32)
+    if rounding == "sign":
+        return (x >= 0).astype(np.uint8), block_means(x, block)
     scales = block_scales(x, block)
     s = np.repeat(scales.astype(np.float64), block)[: x.size]
     step = np.repeat(_step(scales, bits), block)[: x.size]
@@ -123,11 +173,13 @@ def _unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return ((packed[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:n].astype(np.uint8)
 
 
-def encode(update: np.ndarray, bits: int, block: int, rng: np.random.Generator) -> np.ndarray:
+def encode(
+    update: np.ndarray, bits: int, block: int, rng: np.random.Generator, rounding: str = "stochastic"
+) -> np.ndarray:
     """The wire array of `update` (see the module doc)."""
     if block < 1:
         raise ValueError(f"compression.block={block}: must be >= 1")
-    codes, scales = quantise(update, bits, block, rng)
+    codes, scales = quantise(update, bits, block, rng, rounding)
     header = MAGIC + bytes([VERSION, bits]) + np.array([block, codes.size], "<u4").tobytes()
     body = np.concatenate(
         [np.frombuffer(header, np.uint8), scales.astype("<f4").view(np.uint8), _pack(codes, bits)]
@@ -186,13 +238,12 @@ def config_problems(cfg) -> list[str]:
     c = cfg.get("compression")
     down = downlink_bits(cfg)
     down_feedback = c is not None and c.get("downlink_error_feedback", False)
-    if c is None or not (c.enabled or down or down_feedback):
+    rounding = configured_rounding(c)
+    if c is None or not (c.enabled or down or down_feedback or rounding != "stochastic"):
         return []
     problems = []
     if down and down not in BITS:
         problems.append(f"compression.downlink_bits={down}: use one of {BITS}, or 0 (off)")
-    if down == 1 and down_feedback:
-        problems.append(f"compression.downlink_bits=1 with downlink_error_feedback=true: {ONE_BIT_FEEDBACK}")
     if down_feedback and not down:
         problems.append(
             "compression.downlink_error_feedback=true needs a compressed downlink: set "
@@ -200,6 +251,26 @@ def config_problems(cfg) -> list[str]:
         )
     if c.enabled and c.bits not in BITS:
         problems.append(f"compression.bits={c.bits}: use one of {BITS} (or compression=none)")
+    one_bit = [  # (bits key, its feedback key, feedback on) of each direction sent at 1 bit
+        (bits_key, feedback_key, feedback)
+        for on, bits_key, feedback_key, feedback in (
+            (c.enabled and c.bits == 1, "bits", "error_feedback", c.error_feedback),
+            (down == 1, "downlink_bits", "downlink_error_feedback", down_feedback),
+        )
+        if on
+    ]
+    if rounding not in ROUNDINGS:
+        problems.append(f"compression.rounding={rounding}: use one of {ROUNDINGS}")
+    elif rounding == "sign" and not one_bit:
+        problems.append(
+            "compression.rounding=sign is the scaled sign of a direction sent at 1 bit: set "
+            "compression=uplink with compression.bits=1, or compression.downlink_bits=1, or drop it"
+        )
+    for bits_key, feedback_key, feedback in one_bit:  # 1 bit: unbiased without feedback, sign with
+        if rounding == "sign" and not feedback:
+            problems.append(f"compression.rounding=sign with {feedback_key}=false: {SIGN_NEEDS_FEEDBACK}")
+        elif rounding != "sign" and feedback:
+            problems.append(f"compression.{bits_key}=1 with {feedback_key}=true: {ONE_BIT_FEEDBACK}")
     if not 1 <= c.block < 2**32:
         problems.append(f"compression.block={c.block}: must be >= 1")
     p = cfg.get("privacy", {})
@@ -215,8 +286,6 @@ def config_problems(cfg) -> list[str]:
         )
     if not c.enabled:
         return problems
-    if c.bits == 1 and c.error_feedback:
-        problems.append(f"compression.bits=1 with error_feedback=true: {ONE_BIT_FEEDBACK}")
     if p.get("secagg", False):
         problems.append(
             "compression cannot be used with privacy.secagg=true: SecAgg+ quantises each update to "

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedsparse.federation import compression, validation
 from fedsparse.federation.accounting import CommLedger, MeteredGrid
+from fedsparse.federation.compression import rounding_at
 from fedsparse.federation.protocol import FINGERPRINT_KEY, INFO_KEY, METRICS_KEY, TRAIN_METRICS
 from fedsparse.federation.sampling import ClientSampler
 from fedsparse.federation.waiting import WaitingGrid, WaitRule
@@ -73,9 +74,9 @@ class PackedStrategy:
         on = compression is not None and compression.get("enabled", False)
         self.compression = (int(compression["bits"]), int(compression["block"])) if on else None
         self._decompressed: dict[int, ArrayRecord] = {}  # id -> record, this round's decoded replies
-        # compressed downlink: (bits, block) of the delta the server broadcasts, or None
+        # compressed downlink: (bits, block, rounding) of the delta the server broadcasts, or None
         down = int((compression or {}).get("downlink_bits", 0) or 0)
-        self.downlink = (down, int(compression["block"])) if down else None
+        self.downlink = (down, int(compression["block"]), rounding_at(compression, down)) if down else None
         # server-side error feedback: what the downlink's rounding lost, added to the next change
         self.downlink_ef = bool(down and compression.get("downlink_error_feedback", False))
         self.downlink_residual: np.ndarray | None = None
@@ -152,12 +153,13 @@ class PackedStrategy:
         """The new global the clients can rebuild exactly: the previous global plus the quantised,
         dequantised change (rounding drawn from (seed, round)) with, under downlink error feedback,
         what earlier rounds' rounding left out; FedAvgM's own copy follows it."""
-        bits, block = self.downlink
+        bits, block, rounding = self.downlink
         previous = self.global_values
         delta = arrays["values"].numpy().astype(np.float32) - previous
         if self.downlink_ef and self.downlink_residual is not None:
             delta += self.downlink_residual
-        wire = compression.encode(delta, bits, block, compression.downlink_rng(self.seed, server_round))
+        rng = compression.downlink_rng(self.seed, server_round)
+        wire = compression.encode(delta, bits, block, rng, rounding)
         values = compression.apply_delta(previous, wire, bits, block)
         if self.downlink_ef:  # the aggregate not yet broadcast: carried into the next round's change
             self.downlink_residual = delta - (values - previous)
