@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from harness.federation import TRAIN_CONFIG_VALUES
+from harness.federation import PARTIAL_PARTICIPATION, TRAIN_CONFIG_VALUES
+from harness.fixtures import forget_client_memory
 from harness.models import method_cfg, packed_strategy, tiny_model
 from omegaconf import OmegaConf
 
@@ -183,14 +184,15 @@ def test_malformed_compressed_replies_are_dropped_with_a_reason(app_identity):
     np.testing.assert_allclose(arrays["values"].numpy(), (dequantised[0] + dequantised[1]) / 2, atol=1e-7)
 
 
-def test_topk_values_are_quantised_and_its_indices_kept(app_identity):
-    strategy = _server(method="topk")
+@pytest.mark.parametrize("bits, rounding", [(4, "stochastic"), (1, "sign")])
+def test_topk_values_are_quantised_and_its_indices_kept(app_identity, bits, rounding):
+    strategy = _server(method="topk", bits=bits)
     m, g = strategy.method, strategy.global_values
     local = g + np.random.default_rng(3).standard_normal(g.size).astype(np.float32) * 1e-2
     wire = m.encode(local, reference=g)
     reference = m.wire_reference(wire, g)
     update = wire.pop("values") - reference
-    codes = compression.encode(update, 4, 64, compression.rounding_rng(0, 1, 0))
+    codes = compression.encode(update, bits, 64, compression.rounding_rng(0, 1, 0), rounding)
     reply = _compressed_reply(strategy, codes, extra={"indices": wire["indices"]})
     arrays, _ = strategy.aggregate_train(1, [reply])
     expected = m.decode({**wire, "values": reference + compression.decode(codes, update.size)}, g)
@@ -273,12 +275,6 @@ def test_error_feedback_settles_at_two_bits_diverges_at_one_and_is_refused_there
 # --- error feedback: the client's residual -------------------------------------------------------
 
 
-@pytest.fixture
-def store_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(tmp_path))
-    return tmp_path
-
-
 @pytest.mark.parametrize("bits, rounding", [(2, "stochastic"), (1, "sign")])
 def test_the_residual_carries_over_a_skipped_round(store_dir, bits, rounding):
     """A partition trained in rounds 1 and 3 (not 2): round 3 adds round 1's residual, and what the
@@ -332,26 +328,7 @@ def _uplinks(grid) -> list[bytes]:
     return [a[compression.KEY].numpy().tobytes() for a in arrays if compression.KEY in a][-2:]
 
 
-def _kill():
-    """What a killed process loses: the cached model, shards and every in-memory state."""
-    client_train._method.cache_clear()
-    client_train._shard.cache_clear()
-
-
-OVERRIDES = [
-    "model=tiny",
-    "method=pafi",
-    "method.density=0.2",
-    "compression=uplink",
-    "compression.block=128",
-    "federation.num_clients=3",
-    "federation.clients_per_round=2",  # partial participation: clients skip rounds
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=300",
-    "data.max_length=32",
-    "run_name=ef-resume",
-]
+OVERRIDES = [*PARTIAL_PARTICIPATION, "compression=uplink", "run_name=ef-resume"]
 
 
 def test_error_feedback_resumes_bit_identically_after_a_kill(app_identity, store_dir, monkeypatch):
@@ -361,20 +338,20 @@ def test_error_feedback_resumes_bit_identically_after_a_kill(app_identity, store
     cfg = compose_config(OVERRIDES)
     start = build_method(load_model("tiny-bert", 2, cfg.seed), cfg.method).initial_state()
     monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(store_dir / "a"))
-    _kill()
+    forget_client_memory()
     grid = InProcessGrid(cfg)
     uninterrupted, strategy = _federate(cfg, grid, 3, 0, start)
     last_round = _uplinks(grid)
     assert sorted(strategy.accepted.values()) == [2, 2, 2]
 
     monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(store_dir / "b"))
-    _kill()
+    forget_client_memory()
     grid = InProcessGrid(cfg)
     after_two, _ = _federate(cfg, grid, 2, 0, start)
     abandoned, _ = _federate(
         cfg, grid, 1, 2, after_two
     )  # round 3 trains; the server dies before its checkpoint
-    _kill()
+    forget_client_memory()
     grid = InProcessGrid(cfg)  # fresh contexts: Flower's context.state is gone too
     resumed, _ = _federate(cfg, grid, 1, 2, after_two)
     rerun = _uplinks(grid)
@@ -390,18 +367,12 @@ def test_reply_bytes_follow_the_formula(app_identity, store_dir, bits):
     """A real train reply's serialized size is the uncompressed reply's framing (its size minus its
     4-byte values) plus values x bits / 8 + 4 bytes per scale + the 12-byte header, within 1%; and
     the ledger counts exactly the array's bytes as payload."""
-    overrides = OVERRIDES[:4] + [
-        "train.local_steps=1",
-        "train.batch_size=8",
-        "data.max_train_examples=100",
-        "data.max_length=32",
-    ]
+    overrides = ["model=tiny", "method=pafi", "method.density=0.2", "train.local_steps=1"]
+    overrides += ["train.batch_size=8", "data.max_train_examples=100", "data.max_length=32"]
     if bits != 32:
-        overrides += [f"compression.bits={bits}", "compression.error_feedback=false"]
-    else:
-        overrides[3] = "compression=none"
+        overrides += ["compression=uplink", f"compression.bits={bits}", "compression.error_feedback=false"]
     cfg = compose_config(overrides)
-    _kill()
+    forget_client_memory()
     method = client_train.client_method(cfg)
     g = method.initial_state()
     config = ConfigRecord(

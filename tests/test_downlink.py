@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
-from harness.federation import TRAIN_CONFIG_VALUES
-from test_compression import _kill
+from harness.federation import PARTIAL_PARTICIPATION, TRAIN_CONFIG_VALUES
+from harness.fixtures import forget_client_memory
 
 from fedsparse.apps import client_state, client_train
 from fedsparse.apps.inprocess import InProcessGrid
@@ -20,26 +20,7 @@ from fedsparse.methods.model import load_model
 from fedsparse.run import compose_config, problems
 
 TRAIN_CONFIG = ConfigRecord(TRAIN_CONFIG_VALUES)
-OVERRIDES = [
-    "model=tiny",
-    "method=pafi",
-    "method.density=0.2",
-    "compression=both",
-    "compression.block=128",
-    "federation.num_clients=3",
-    "federation.clients_per_round=2",  # partial participation: clients skip rounds
-    "train.local_steps=2",
-    "train.batch_size=8",
-    "data.max_train_examples=300",
-    "data.max_length=32",
-    "run_name=downlink",
-]
-
-
-@pytest.fixture
-def store_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(tmp_path))
-    return tmp_path
+OVERRIDES = [*PARTIAL_PARTICIPATION, "compression=both", "run_name=downlink"]
 
 
 def _kind(arrays) -> str:
@@ -114,7 +95,7 @@ def test_server_and_clients_hold_the_bit_identical_global_every_round(
     when the server carries its rounding error into the next round's change, and when it sends
     the change as its scaled sign at 1 bit)."""
     cfg = compose_config(OVERRIDES + [f"compression.downlink_error_feedback={feedback}", *extra])
-    _kill()
+    forget_client_memory()
     rec = Recorder(monkeypatch)
     final, strategy = _federate(cfg, rec, 4, 0, _start(cfg))
     assert len(rec.sent) == len(rec.rebuilt) == 8
@@ -154,7 +135,7 @@ def test_a_client_without_the_base_refuses_and_then_gets_the_full_vector(store_d
     """A corrupted or missing stored global is never trained on: the client refuses with the reason;
     its error reply makes the server send it the full vector; a digest it reports is used again."""
     cfg = compose_config(OVERRIDES)
-    _kill()
+    forget_client_memory()
     method = client_train.client_method(cfg)
     g0 = method.initial_state()
     g1 = g0 + np.float32(1e-3)
@@ -206,20 +187,20 @@ def test_resume_rebuilds_the_same_globals_after_a_kill(app_identity, store_dir, 
     cfg = compose_config(OVERRIDES + [f"compression.downlink_error_feedback={feedback}"])
     start = _start(cfg)
     monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(store_dir / "a"))
-    _kill()
+    forget_client_memory()
     rec = Recorder(monkeypatch)
     uninterrupted, _ = _federate(cfg, rec, 4, 0, start)
     reference = [s[3] for s in rec.sent]
 
     monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(store_dir / "b"))
-    _kill()
+    forget_client_memory()
     rec = Recorder(monkeypatch)
     after_two, strategy = _federate(cfg, rec, 2, 0, start)
     state = {k: v.copy() for k, v in strategy.state_arrays().items()}
     assert {"downlink-pending", "downlink-delta", "downlink-nodes", "downlink-held"} <= set(state)
     assert ("downlink-residual" in state) == feedback
     _federate(cfg, rec, 1, 2, after_two, state)  # round 3; the server dies before its checkpoint
-    _kill()
+    forget_client_memory()
     resumed, _ = _federate(cfg, rec, 2, 2, after_two, state)
     np.testing.assert_array_equal(resumed, uninterrupted)
     for (_, _, _, server), client in zip(rec.sent, rec.rebuilt, strict=True):
@@ -260,7 +241,7 @@ def test_downlink_bytes_follow_the_formula(app_identity, store_dir, monkeypatch)
     that array's own framing (its .npy header and protobuf fields, under 256 bytes), and the ledger
     counts exactly the payload as values."""
     cfg = compose_config(OVERRIDES + ["federation.clients_per_round=3"])
-    _kill()
+    forget_client_memory()
     rec = Recorder(monkeypatch)
     _, strategy = _federate(cfg, rec, 2, 0, _start(cfg))
     n, bits, block = strategy.method.num_values(), cfg.compression.downlink_bits, cfg.compression.block
@@ -321,7 +302,7 @@ def test_server_optimisers_broadcast_exactly_their_global(app_identity, store_di
     """FedAvgM's and FedAdam's steps are quantised like FedAvg's mean: the clients rebuild the
     server's global bit for bit, and the final global is the last broadcast delta applied."""
     cfg = compose_config(OVERRIDES + [f"federation.strategy={strategy}"])
-    _kill()
+    forget_client_memory()
     rec = Recorder(monkeypatch)
     final, s = _federate(cfg, rec, 3, 0, _start(cfg))
     for (_, _, _, server), client in zip(rec.sent, rec.rebuilt, strict=True):

@@ -35,5 +35,21 @@ KILLED_SETTINGS = [
     "federation.wait_timeout=120",
 ]
 
+# The in-process compressed federation (tests/test_compression.py, tests/test_downlink.py): three
+# clients, two sampled a round (clients skip rounds), PaFi at density 0.2; a test adds its
+# `compression=` group and run name.
+PARTIAL_PARTICIPATION = [
+    "model=tiny",
+    "method=pafi",
+    "method.density=0.2",
+    "compression.block=128",
+    "federation.num_clients=3",
+    "federation.clients_per_round=2",
+    "train.local_steps=2",
+    "train.batch_size=8",
+    "data.max_train_examples=300",
+    "data.max_length=32",
+]
+
 # The train config a test server sends with each round (what ServerApp builds from `train.*`).
 TRAIN_CONFIG_VALUES = {"lr": 2e-2, "batch-size": 8, "local-steps": 2, "local-epochs": 0.0}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedsparse.apps import client_train
 from fedsparse.deploy.loopback import Deployment
 from harness.federation import DEPLOYMENT
 from harness.loopback import deploy_tiny
@@ -33,6 +34,19 @@ def posing_as_app() -> Iterator[None]:
         yield
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def store_dir(tmp_path, monkeypatch) -> Path:
+    """A node-local store (FEDSPARSE_CACHE_DIR) of the test's own."""
+    monkeypatch.setenv("FEDSPARSE_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def forget_client_memory() -> None:
+    """What a killed client process loses: the cached model, shards and every in-memory state."""
+    client_train._method.cache_clear()
+    client_train._shard.cache_clear()
 
 
 @pytest.fixture
