@@ -11,7 +11,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedsparse.report.cli import main
-from fedsparse.report.readme_blocks import group_table, plot_groups, target_table, trend, update_readme
+from fedsparse.report.readme_blocks import (
+    group_table,
+    pareto_front,
+    plot_groups,
+    target_table,
+    trend,
+    update_readme,
+)
 from fedsparse.report.tables import bytes_to_target, group_runs, load_runs, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,6 +343,13 @@ def test_a_headline_block_is_one_short_table_and_one_plot(experiment):
         update_readme(readme, check=True)
 
 
+def test_the_pareto_front_keeps_the_points_no_other_beats():
+    """(bytes, metric): a point is beaten by one with as few bytes or fewer and a higher metric."""
+    points = [(5.0, 0.80), (1.0, 0.70), (2.0, 0.75), (2.0, 0.90), (3.0, 0.85), (8.0, 0.95), (8.0, 0.95)]
+    assert pareto_front(points) == [1, 3, 5]
+    assert pareto_front([]) == []
+
+
 def test_a_frontier_block_adds_other_experiments_and_labels_each_compression(experiment):
     """`with=` brings in another experiment's runs (the 32-bit points); `view=frontier` draws one
     point per group and labels compressed groups as the run names do."""
@@ -361,6 +375,7 @@ def test_a_frontier_block_adds_other_experiments_and_labels_each_compression(exp
     assert "| pafi[q4ef,d4] | 0.01 | 3 | 0.8200 ± 0.0200 |" in text
     assert "| pafi | 0.01 | 3 | 0.8200 ± 0.0200 |" in text and "| hiwi[merged] | 0.01 | 3 |" in text
     assert "(experiments/results/compressed/report_frontier.png)" in text
+    assert "The dashed line joins the groups no other beats" in text
     assert (compressed / "report_frontier.png").read_bytes().startswith(PNG)
     assert not list(experiment.glob("report_*.png"))  # the other experiment's files are left alone
     assert update_readme(readme, check=True) == 0

@@ -263,31 +263,66 @@ def plot_groups(
     return paths
 
 
+def _base_method(group: Group) -> str:
+    """The method of a group's label without its variant: `pafi` of `pafi[q2ef,d4]`."""
+    return re.split(r"[\[ ]", group.method)[0]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (bytes, metric) points that no other point beats, one with fewer or as many
+    bytes and a higher metric; in order of bytes."""
+    front: list[int] = []
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1])):
+        if not front or points[i][1] > points[front[-1]][1]:
+            front.append(i)
+    return front
+
+
 def plot_frontier(groups: list[Group], path: Path) -> Path:
     """One point per group: mean total bytes (all clients, rounds, directions) against the mean final
-    dev metric, the bars spanning the lowest to the highest seed on both axes."""
+    dev metric, the bars spanning the lowest to the highest seed on both axes; one colour per
+    method, one marker per variant, and the points no other beats joined and named."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     header, ids = id_columns(groups)
-    fig, ax = plt.subplots(figsize=(8.5, 4.2))
-    for i, (g, row) in enumerate(zip(groups, ids)):
+    methods = sorted({_base_method(g) for g in groups})
+    markers = "osD^v<>phX*"
+    seen: dict[str, int] = {}  # variants of each method drawn so far
+    means, labels = [], []
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    for g, row in zip(groups, ids):
         runs = [series(r, g.metric) for r in g.runs if r["rounds"]]
         x = np.array([s["up"][-1] + s["down"][-1] for s in runs], dtype=float)
         y = np.array([final_metric(r["summary"], g.metric) for r in g.runs if r["rounds"]])
-        label = ", ".join([row[0]] + [f"{h}={v}" for h, v in zip(header[1:], row[1:])])
+        method = _base_method(g)
+        variant = seen[method] = seen.get(method, -1) + 1
+        labels.append(", ".join([row[0]] + [f"{h}={v}" for h, v in zip(header[1:], row[1:])]))
+        means.append((x.mean(), y.mean()))
         ax.errorbar(
             x.mean(),
             y.mean(),
             xerr=[[x.mean() - x.min()], [x.max() - x.mean()]],
             yerr=[[y.mean() - y.min()], [y.max() - y.mean()]],
-            fmt="osD^v<>ph*"[i // 20 % 10],  # twenty colours cycle: a new marker for each twenty
-            color=plt.get_cmap("tab20")(i % 20),
+            fmt=markers[variant % len(markers)],
+            mfc="white" if variant // len(markers) % 2 else None,  # hollow once the markers repeat
+            color=plt.get_cmap("tab10")(methods.index(method) % 10),
             ms=5,
             capsize=2,
-            label=f"{label} ({len(runs)})",
+            label=f"{labels[-1]} ({len(runs)})",
+        )
+    front = pareto_front(means)
+    xs, ys = zip(*(means[i] for i in front))
+    ax.step(xs, ys, where="post", ls="--", lw=0.8, color="0.4", zorder=0, label="frontier (seeds' means)")
+    for k, i in enumerate(front):  # names below and above the line by turns, so neighbours do not overlap
+        ax.annotate(
+            groups[i].method,
+            means[i],
+            xytext=(3, 5 if k % 2 else -10),
+            textcoords="offset points",
+            fontsize=6,
         )
     ax.set(
         xscale="log",
@@ -348,7 +383,10 @@ def render_block(
         images = [f"![{PLOT_TITLES[k]}]({rel}/{PLOT_PREFIX}{k}.png)" for k in kinds]
         plots = "Plots" if len(images) > 1 else "Plot"
         spread = "shaded" if view != "frontier" else "bars"
-        text += f"\n\n{plots}: mean over seeds, {spread} from the lowest to the highest seed.\n\n"
+        text += f"\n\n{plots}: mean over seeds, {spread} from the lowest to the highest seed."
+        if view == "frontier":
+            text += " The dashed line joins the groups no other beats (as few bytes or fewer and a higher mean), named on the plot."
+        text += "\n\n"
         text += "\n".join(images)
     return text
 
