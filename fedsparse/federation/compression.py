@@ -44,6 +44,7 @@ VERSION = 1
 HEADER = 12
 BITS = (1, 2, 4, 8)
 ROUNDINGS = ("stochastic", "sign")  # unbiased stochastic rounding; the biased scaled sign (1 bit)
+UPLINK_OFF = {"bits": 32, "error_feedback": False}  # conf/compression/none.yaml: the uncompressed uplink
 KEY = "compressed"  # the array name of a compressed update in a train reply
 _STREAM = 0x51  # tells the rounding generator apart from the clients' other seeded draws
 _DOWN_STREAM = 0x52  # the server's rounding of the downlink delta
@@ -233,15 +234,32 @@ def decode(
     return dequantise(codes, scales, got_bits, got_block)
 
 
+def _override(value: object) -> str:
+    """A setting's value as a command-line override writes it (booleans lowercase)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def config_problems(cfg) -> list[str]:
     """Settings and combinations a compressed uplink refuses, each with why."""
     c = cfg.get("compression")
+    if c is None:
+        return []
     down = downlink_bits(cfg)
-    down_feedback = c is not None and c.get("downlink_error_feedback", False)
+    down_feedback = c.get("downlink_error_feedback", False)
     rounding = configured_rounding(c)
-    if c is None or not (c.enabled or down or down_feedback or rounding != "stochastic"):
+    ignored = (
+        []
+        if c.enabled
+        else [f"compression.{k}={_override(c[k])}" for k, off in UPLINK_OFF.items() if c[k] != off]
+    )
+    if not (c.enabled or down or down_feedback or rounding != "stochastic" or ignored):
         return []
     problems = []
+    if ignored:
+        problems.append(
+            f"{', '.join(ignored)} would do nothing: the uplink is not compressed (compression=none); "
+            "add compression=uplink (or compression=both for the downlink too)"
+        )
     if down and down not in BITS:
         problems.append(f"compression.downlink_bits={down}: use one of {BITS}, or 0 (off)")
     if down_feedback and not down:
