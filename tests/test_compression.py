@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from harness.federation import PARTIAL_PARTICIPATION, TRAIN_CONFIG_VALUES
 from harness.fixtures import forget_client_memory
-from harness.models import method_cfg, packed_strategy, tiny_model
+from harness.models import REPO, method_cfg, packed_strategy, tiny_model
 from omegaconf import OmegaConf
 
 from fedsparse.apps import client_state, client_train
@@ -220,6 +220,13 @@ def test_config_refuses_secagg_and_client_dp_and_names_the_run():
         found = problems(compose(base + extra))
         assert any(why in p for p in found), found
     assert not [p for p in problems(compose(base + ["privacy.dp=server"])) if "compression" in p]
+    # the uplink's settings without compression=uplink would be ignored: refused, naming the fix
+    found = problems(compose(["model=tiny", "compression.bits=4", "compression.error_feedback=true"]))
+    assert found == [
+        "compression.bits=4, compression.error_feedback=true would do nothing: the uplink is not "
+        "compressed (compression=none); add compression=uplink (or compression=both for the downlink too)"
+    ]
+    assert problems(compose(["model=tiny", "compression.downlink_bits=4"])) == []
 
 
 def test_error_feedback_settles_at_two_bits_diverges_at_one_and_is_refused_there():
@@ -248,6 +255,14 @@ def test_error_feedback_settles_at_two_bits_diverges_at_one_and_is_refused_there
     assert (
         problems(compose(down)) == [] and "-q2ef-d1sef-" in compose_config([*down, "run_name=auto"]).run_name
     )
+    # compression=sign is the frontier's committed q1sef,d2ef runs, by name
+    frontier = ["+experiment=frontier", "method=pafi", "train.lr=2e-2", "seed=0"]
+    assert compose_config([*frontier, "compression=sign"]).run_name == (
+        "pafi-smallest-d0.005-q1sef-d2ef-sst2-a1-lr0.02-s0-4c2728"
+    )
+    assert (
+        REPO / "experiments/results/frontier/pafi-smallest-d0.005-q1sef-d2ef-sst2-a1-lr0.02-s0-4c2728"
+    ).is_dir()
     for extra, why in [
         (["compression=uplink", "compression.rounding=sign"], "a direction sent at 1 bit"),
         (["compression.rounding=sign"], "a direction sent at 1 bit"),
