@@ -325,6 +325,7 @@ def prepare(overrides: Sequence[str], cfg: DictConfig | None = None) -> Run:
     `Run.finished` when there is nothing left to run. Raises ConfigError with a one-line reason."""
     cfg = name_run(cfg) if cfg is not None else compose(tuple(overrides))
     if not cfg.resume and cfg.mode == "federated":
+        validate(cfg)  # a bad setting is named before any run directory is read
         if already_finished(cfg):  # an interrupted sweep continues where it stopped
             return Run(cfg, finished=True)
         if cfg.run_name == auto_run_name(cfg) and (run_dir(cfg) / checkpoint.FILE).exists():

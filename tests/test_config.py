@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from fedsparse.config import auto_run_name, to_run_config
 from fedsparse.methods.pafi import BACKWARDS
-from fedsparse.run import ConfigError, check_overrides, compose_config, from_run_config
+from fedsparse.run import ConfigError, check_overrides, compose_config, from_run_config, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -170,6 +170,11 @@ def test_a_finished_run_is_skipped_and_another_config_refused(tmp_path):
     clash = compose_config([f"run_name={cfg.run_name}", f"output_dir={tmp_path}", "seed=5"])
     with pytest.raises(FileExistsError, match="another configuration"):
         already_finished(clash)
+    # a bad setting is named first, not the directory it would have clashed with
+    with pytest.raises(ConfigError, match="compression.bits=3"):
+        prepare(
+            [f"run_name={cfg.run_name}", f"output_dir={tmp_path}", "compression=uplink", "compression.bits=3"]
+        )
 
 
 def test_committed_results_keep_their_auto_names():
