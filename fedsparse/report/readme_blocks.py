@@ -291,7 +291,7 @@ def plot_frontier(groups: list[Group], path: Path) -> Path:
     methods = sorted({_base_method(g) for g in groups})
     markers = "osD^v<>phX*"
     seen: dict[str, int] = {}  # variants of each method drawn so far
-    means, labels = [], []
+    means = []  # (bytes, metric) of each group, for the frontier line
     fig, ax = plt.subplots(figsize=(9, 4.6))
     for g, row in zip(groups, ids):
         runs = [series(r, g.metric) for r in g.runs if r["rounds"]]
@@ -299,7 +299,7 @@ def plot_frontier(groups: list[Group], path: Path) -> Path:
         y = np.array([final_metric(r["summary"], g.metric) for r in g.runs if r["rounds"]])
         method = _base_method(g)
         variant = seen[method] = seen.get(method, -1) + 1
-        labels.append(", ".join([row[0]] + [f"{h}={v}" for h, v in zip(header[1:], row[1:])]))
+        label = ", ".join([row[0]] + [f"{h}={v}" for h, v in zip(header[1:], row[1:])])
         means.append((x.mean(), y.mean()))
         ax.errorbar(
             x.mean(),
@@ -311,7 +311,7 @@ def plot_frontier(groups: list[Group], path: Path) -> Path:
             color=plt.get_cmap("tab10")(methods.index(method) % 10),
             ms=5,
             capsize=2,
-            label=f"{labels[-1]} ({len(runs)})",
+            label=f"{label} ({len(runs)})",
         )
     front = pareto_front(means)
     xs, ys = zip(*(means[i] for i in front))
